@@ -1,0 +1,1 @@
+"""Compiled kernels. Each module holds one family; kernels take and return arrays."""

@@ -1,0 +1,100 @@
+"""The ``fastbp`` command line: ``demo``, ``bench`` and ``info``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+def cmd_demo(args):
+    import fastbp as F
+    x, y = F.datasets.load_digits()
+    xtr, xte, ytr, yte = F.datasets.train_test_split(x, y, test_fraction=0.2, seed=0)
+    xtr, xva, ytr, yva = F.datasets.train_test_split(xtr, ytr, test_fraction=0.1, seed=1)
+    if args.model != "mlp":
+        print(f"fastbp demo: model {args.model!r} is not available yet; use --model mlp",
+              file=sys.stderr)
+        return 2
+    model = F.Sequential(F.Dense(64, 128), F.ReLU(), F.Dropout(0.1), F.Dense(128, 10))
+    print(f"fastbp demo: MLP on the handwritten digits ({len(xtr)} train, {len(xva)} validation, "
+          f"{len(xte)} test)\n{model}", flush=True)
+    params = F.init(model, seed=args.seed)
+    loss = F.losses.softmax_cross_entropy
+
+    def report(epoch, logs, params, grads):
+        print(f"epoch {epoch + 1:>2}: loss {logs['loss']:.4f}  "
+              f"val_accuracy {logs['val_accuracy']:.3f}", flush=True)
+    params, _ = F.fit(model, params, xtr, ytr, loss=loss, optimizer=F.optim.adam(2e-3),
+                      epochs=args.epochs, batch_size=32, seed=args.seed,
+                      validation_data=(xva, yva), progress=not args.no_progress,
+                      callbacks=[report])
+    acc = F.evaluate(model, params, xte, yte, loss=loss)["accuracy"]
+    print(f"test accuracy: {acc:.3f}")
+    return 0
+
+
+def cmd_info(args):
+    import numba
+    import scipy
+
+    import fastbp as F
+    from fastbp import config
+    from fastbp.kernels.activations import relu_forward
+
+    z = np.zeros(4, np.float32)
+    relu_forward.parallel(z, np.empty_like(z))   # starts the thread pool, fixing the layer
+    blas = np.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {})
+    cache = numba.config.CACHE_DIR or os.path.join(os.path.dirname(F.__file__), "kernels",
+                                                   "__pycache__") + " (in-tree; falls back to the user cache dir if read-only)"
+    rows = [
+        ("fastbp", F.__version__), ("python", sys.version.split()[0]), ("numpy", np.__version__),
+        ("scipy", scipy.__version__), ("numba", numba.__version__),
+        ("threading layer", numba.threading_layer()), ("threads", numba.get_num_threads()),
+        ("cpus", os.cpu_count()),
+        ("BLAS (numpy)", f"{blas.get('name', '?')} {blas.get('version', '')}".strip()),
+        ("BLAS (numba, via scipy)", _scipy_blas()),
+        ("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "-") +
+         ("" if config.USER_SET_WAIT_POLICY else " (set by fastbp)")),
+        ("cache dir", cache),
+    ]
+    for k, v in rows:
+        print(f"{k:<24} {v}")
+    print("parallel thresholds (work units; FASTBP_PARALLEL_THRESHOLD overrides):")
+    for k, v in config.thresholds.items():
+        print(f"  {k:<22} {v}")
+    return 0
+
+
+def _scipy_blas():
+    try:
+        import scipy
+        cfg = scipy.show_config(mode="dicts")
+        b = cfg["Build Dependencies"]["blas"]
+        return f"{b.get('name', '?')} {b.get('version', '')}".strip()
+    except Exception:  # pragma: no cover - depends on scipy's build
+        return "unknown"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="fastbp", description="fastbp command line")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="train a small network on the embedded digits data")
+    d.add_argument("--model", default="mlp", choices=["mlp", "cnn", "lstm"])
+    d.add_argument("--epochs", type=int, default=30)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("bench", help="fastbp vs PyTorch/JAX on the standard workloads",
+                   add_help=False)
+    sub.add_parser("info", help="versions, threads, BLAS, cache and thresholds")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        from fastbp import bench
+        return bench.main(argv[1:])
+    args = ap.parse_args(argv)
+    return {"demo": cmd_demo, "info": cmd_info}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,8 @@ from .layers import (Layer, Dense, Maxout, Identity, Sigmoid, Tanh, ReLU, LeakyR
                      GELU, Softmax, NoisyReLU, Dropout, Flatten)
 from .network import (Sequential, init, forward, backward, predict, count_params,  # noqa: F401
                       grad_norms)
+from . import losses, optim  # noqa: F401
 from .gradcheck import gradcheck, GradcheckReport  # noqa: F401
+from .train import fit, evaluate  # noqa: F401
 
 __version__ = "0.1.0"

@@ -68,8 +68,9 @@ def gradcheck(model, params, x, target, loss, *, eps=1e-6, max_checks=None, trai
     so dropout masks are the same in every evaluation.
     Returns a ``GradcheckReport`` with the max relative error per array.
     """
-    params64 = _tree.tree_map(lambda a: np.array(a, dtype=np.float64), params)
-    x64 = np.array(x, dtype=np.float64)
+    # C order: the perturbation below goes through reshape(-1), a view only for C arrays
+    params64 = _tree.tree_map(lambda a: np.array(a, dtype=np.float64, order="C"), params)
+    x64 = np.array(x, dtype=np.float64, order="C")
     if isinstance(target, np.ndarray) and target.dtype.kind == "f":
         target = target.astype(np.float64)
 
@@ -80,6 +81,9 @@ def gradcheck(model, params, x, target, loss, *, eps=1e-6, max_checks=None, trai
     y, cache = forward(model, params64, x64, train=train, seed=seed)
     _, dy = loss(y, target)
     dx, grads = backward(model, params64, cache, dy, input_grad=check_input)
+    if not _tree.same_structure(params64, grads):
+        raise ValueError("gradcheck: the grads returned by backward do not have the structure "
+                         "and shapes of params")
 
     rng = np.random.default_rng(seed)
     report = GradcheckReport()

@@ -175,10 +175,14 @@ class Maxout(Layer):
     def backward(self, params, cache, dy, *, input_grad=True):
         dcache, idx = cache
         x2, z2, _, xshape = dcache
-        dtype = params["W"].dtype
-        dy = self._check_dy(dy, xshape[:-1] + (self.out_features,), dtype)
+        dense = self._dense()
+        try:
+            W, _ = dense._params(params)
+        except (ValueError, TypeError) as e:
+            raise type(e)(str(e).replace(str(dense), str(self))) from None
+        dy = self._check_dy(dy, xshape[:-1] + (self.out_features,), W.dtype)
         dz = D.maxout_scatter(np.ascontiguousarray(dy).reshape(idx.shape), idx, self.pieces)
-        return self._dense().backward(params, dcache, dz.reshape(xshape[:-1] + (-1,)),
+        return self._dense().backward(params, dcache, dz.reshape(xshape[:-1] + (dz.shape[1],)),
                                       input_grad=input_grad)
 
 
@@ -403,7 +407,8 @@ class Flatten(Layer):
         x = as_float_array(str(self), x)
         if x.ndim < 2:
             raise ValueError(f"{self}: expected input (N, ...) with ndim >= 2, got {x.shape}")
-        return x.reshape(x.shape[0], -1), (x.shape, x.dtype)
+        # explicit size: reshape(N, -1) fails when N == 0
+        return x.reshape(x.shape[0], int(np.prod(x.shape[1:]))), (x.shape, x.dtype)
 
     def backward(self, params, cache, dy, *, input_grad=True):
         shape, dtype = cache

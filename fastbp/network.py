@@ -163,9 +163,14 @@ def backward(model, params, cache, dy, input_grad=True):
 def predict(model, params, x, batch_size=None):
     """Inference (``train=False``) forward pass, in batches of ``batch_size`` along axis 0.
 
-    Returns the concatenated outputs. ``batch_size=None`` runs everything at once.
+    x is converted once to the params' dtype (as in ``fit``/``evaluate``). Returns the
+    concatenated outputs. ``batch_size=None`` runs everything at once.
     """
     _check_model("predict", model)
+    x = np.asarray(x)
+    leaves = _tree.leaves(params)
+    if leaves and x.dtype.kind in "biuf":
+        x = x.astype(leaves[0].dtype, copy=False)     # once, up front, like fit/evaluate
     x = as_float_array("predict", x)
     if batch_size is None or len(x) <= batch_size:
         return model.forward(params, x, train=False, rng=None)[0]
@@ -198,7 +203,7 @@ def grad_norms(grads, per_array=False) -> dict:
                 for k, a in g.items():
                     out[f"{path}.{k}" if path else k] = float(np.sqrt(np.sum(np.square(a, dtype=np.float64))))
             else:
-                out[path] = float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in g.values())))
+                out[path or "0"] = float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in g.values())))
         elif isinstance(g, (list, tuple)):
             for i, sub in enumerate(g):
                 walk(sub, f"{path}.{i}" if path else str(i))

@@ -117,10 +117,15 @@ def gelu_backward(x, dy, dx):
     c = x.dtype.type(0.7978845608028654)
     k = x.dtype.type(0.044715)
     k3 = x.dtype.type(3 * 0.044715)
+    zero = x.dtype.type(0)
     for i in prange(x.shape[0]):
         v = x[i]
         t = ftanh(c * (v + k * v * v * v))
-        dx[i] = dy[i] * (half * (one + t) + half * v * (one - t * t) * c * (one + k3 * v * v))
+        s = one - t * t
+        g = half * (one + t)
+        if s != zero:   # tanh saturated (large |x|): skip the term, x² could overflow (0·inf = NaN)
+            g += half * v * s * c * (one + k3 * v * v)
+        dx[i] = dy[i] * g
 
 
 # --- softmax over the last axis ------------------------------------------------------

@@ -1,0 +1,437 @@
+"""Optimizers in the Optax style, with torch.optim's hyper-parameter names and defaults.
+
+>>> opt = fastbp.optim.adam(1e-3)
+>>> state = opt.init(params)
+>>> params, state = opt.update(params, grads, state)
+
+``update`` is pure: it never modifies ``params``, ``grads`` or ``state``; it returns new
+arrays. ``params``/``grads`` are nested lists/tuples/dicts of float32 or float64 arrays
+(``grads`` must match ``params`` leaf by leaf in structure, shape and dtype). ``state`` is
+a plain dict: ``{"step": int, <buffer name>: tree shaped like params, ...}`` using
+torch's buffer names (``momentum_buffer``, ``sum``, ``square_avg``, ``grad_avg``,
+``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so it can be pickled or saved.
+
+``lr`` is a number or a schedule ``t -> lr`` (see ``fastbp.optim.schedules``), called
+with ``t = state["step"]``, the number of updates done before this one (0 first).
+
+Each rule is one fused compiled kernel per array (``fastbp.kernels.optim``), computed
+in the array's dtype, with torch's order of operations. Notation in the docstrings:
+``p`` a parameter, ``g`` its gradient, ``t`` the 0-based step, all operations elementwise.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from . import _tree, schedules  # noqa: F401  (``fastbp.optim.schedules.cosine`` works)
+from .kernels import optim as K
+
+__all__ = ["Optimizer", "sgd", "adagrad", "rmsprop", "adam", "adamw",
+           "global_norm", "clip_by_global_norm", "schedules"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_EMPTY = {dt: np.empty(0, dt) for dt in _FLOATS}  # stand-ins for buffers a rule doesn't use
+
+
+class Optimizer(NamedTuple):
+    """``init(params) -> state`` and ``update(params, grads, state) -> (params, state)``."""
+    init: Callable
+    update: Callable
+
+
+# ----------------------------------------------------------------------------- checks
+def _where(root, path):
+    return root + "".join(f"[{k!r}]" for k in path)
+
+
+def _leaves(name, tree, root="params", path=()):
+    """The float array leaves of ``tree`` in ``_tree.leaves`` order, checked."""
+    out = []
+    _collect(name, tree, root, path, out)
+    return out
+
+
+def _collect(name, tree, root, path, out):
+    if isinstance(tree, np.ndarray):
+        if tree.dtype not in _FLOATS:
+            raise TypeError(f"{name}: {_where(root, path)} must be a float32 or float64 array, "
+                            f"got dtype {tree.dtype}")
+        out.append(tree)
+    elif isinstance(tree, dict):
+        for k in sorted(tree):
+            _collect(name, tree[k], root, path + (k,), out)
+    elif isinstance(tree, (list, tuple)):
+        for i, sub in enumerate(tree):
+            _collect(name, sub, root, path + (i,), out)
+    elif tree is not None:
+        raise TypeError(f"{name}: {_where(root, path)} must be an ndarray, dict, list or tuple, "
+                        f"got {type(tree).__name__}")
+
+
+def _rows(name, params, others, whats):
+    """One row ``(param, *matching leaves of others)`` per array of ``params``, in
+    ``_tree.leaves`` order. Raises when a tree of ``others`` differs from ``params`` in
+    structure, shape or dtype, naming the first mismatching array (``whats`` names the trees)."""
+    out = []
+    _row(name, params, others, whats, (), out)
+    return out
+
+
+def _row(name, p, os, whats, path, out):
+    if isinstance(p, np.ndarray):
+        if p.dtype not in _FLOATS:
+            raise TypeError(f"{name}: {_where('params', path)} must be a float32 or float64 array, "
+                            f"got dtype {p.dtype}")
+        for o, what in zip(os, whats):
+            if not isinstance(o, np.ndarray):
+                raise TypeError(f"{name}: {_where(what, path)} must be an ndarray like "
+                                f"{_where('params', path)}, got {type(o).__name__}")
+            if o.shape != p.shape:
+                raise ValueError(f"{name}: {_where(what, path)} has shape {o.shape}, expected "
+                                 f"{p.shape} (the shape of {_where('params', path)})")
+            if o.dtype != p.dtype:
+                raise TypeError(f"{name}: {_where(what, path)} has dtype {o.dtype}, expected "
+                                f"{p.dtype} (the dtype of {_where('params', path)}; mixing float32 "
+                                "and float64 is not allowed)")
+        out.append((p, *os))
+    elif isinstance(p, dict):
+        for o, what in zip(os, whats):
+            if not isinstance(o, dict) or o.keys() != p.keys():
+                got = sorted(o, key=repr) if isinstance(o, dict) else type(o).__name__
+                raise ValueError(f"{name}: {_where(what, path)} must be a dict with keys "
+                                 f"{sorted(p, key=repr)} like {_where('params', path)}, got {got}")
+        for k in sorted(p):
+            _row(name, p[k], [o[k] for o in os], whats, path + (k,), out)
+    elif isinstance(p, (list, tuple)):
+        for o, what in zip(os, whats):
+            if not isinstance(o, (list, tuple)) or len(o) != len(p):
+                got = f"length {len(o)}" if isinstance(o, (list, tuple)) else type(o).__name__
+                raise ValueError(f"{name}: {_where(what, path)} must be a list of length {len(p)} "
+                                 f"like {_where('params', path)}, got {got}")
+        for i, sub in enumerate(p):
+            _row(name, sub, [o[i] for o in os], whats, path + (i,), out)
+    elif p is None:
+        for o, what in zip(os, whats):
+            if o is not None:
+                raise ValueError(f"{name}: {_where(what, path)} must be None like "
+                                 f"{_where('params', path)}, got {type(o).__name__}")
+    else:
+        raise TypeError(f"{name}: {_where('params', path)} must be an ndarray, dict, list or "
+                        f"tuple, got {type(p).__name__}")
+
+
+def _consts(*values):
+    """``{dtype: values cast to dtype}`` for float32 and float64, computed once."""
+    return {dt: tuple(dt.type(v) for v in values) for dt in _FLOATS}
+
+
+def _real(name, what, value, lo=0.0, hi=None):
+    """A hyper-parameter as a float in ``[lo, hi)``, else ValueError/TypeError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name}: {what} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not (v >= lo and (hi is None or v < hi)):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
+        raise ValueError(f"{name}: invalid {what} {value!r}; expected a number {rng}")
+    return v
+
+
+def _check_lr(name, lr):
+    return lr if callable(lr) else _real(name, "lr", lr)
+
+
+def _lr_at(name, lr, t):
+    if not callable(lr):
+        return lr
+    v = lr(t)
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
+            or not v >= 0:
+        raise ValueError(f"{name}: the lr schedule returned {v!r} at step {t}; "
+                         "expected a number >= 0")
+    return float(v)
+
+
+def _state_step(name, state, buffers):
+    if not isinstance(state, dict) or "step" not in state:
+        raise TypeError(f"{name}: state must be the dict returned by {name}(...).init(params), "
+                        f"got {type(state).__name__}")
+    missing = [b for b in buffers if b not in state]
+    if missing:
+        raise ValueError(f"{name}: state has no {missing[0]!r} (keys {sorted(state)}); pass the "
+                         f"state returned by {name}(...).init(params) with the same settings")
+    t = state["step"]
+    try:
+        t = -1 if isinstance(t, bool) else operator.index(t)  # int, np.int64, 0-d int array
+    except TypeError:
+        t = -1
+    if t < 0:
+        raise ValueError(f"{name}: state['step'] must be an integer >= 0, got {state['step']!r}")
+    return t
+
+
+# ----------------------------------------------------------------------------- builder
+def _make(name, lr, buffers, kernel_step, fill=None):
+    """An Optimizer whose per-array rule is ``kernel_step(t, lr_t, p, g, bufs) ->
+    (p_new, new_bufs)`` on raveled arrays; ``buffers`` names the state trees."""
+    fill = fill or {}
+
+    def init(params):
+        ps = _leaves(name, params)
+        state = {"step": 0}
+        for b in buffers:
+            state[b] = _tree.unflatten(params, [np.full(p.shape, fill.get(b, 0), p.dtype)
+                                                for p in ps])
+        return state
+
+    def update(params, grads, state):
+        t = _state_step(name, state, buffers)
+        rows = _rows(name, params, [grads] + [state[b] for b in buffers],
+                     ["grads"] + [f"state[{b!r}]" for b in buffers])
+        lr_t = _lr_at(name, lr, t)
+        new_p, new_b = [], [[] for _ in buffers]
+        for p, g, *bufs in rows:
+            p_out, b_out = kernel_step(t, lr_t, p.ravel(), g.ravel(), [b.ravel() for b in bufs])
+            new_p.append(p_out.reshape(p.shape))
+            for lst, arr in zip(new_b, b_out):
+                lst.append(arr.reshape(p.shape))
+        new_state = {"step": t + 1}
+        for b, lst in zip(buffers, new_b):
+            new_state[b] = _tree.unflatten(params, lst)
+        return _tree.unflatten(params, new_p), new_state
+
+    init.__doc__ = f"{name}: the initial state for ``params`` (step 0, buffers {list(buffers)})."
+    update.__doc__ = f"{name}: ``(params, grads, state) -> (new_params, new_state)``; pure."
+    return Optimizer(init, update)
+
+
+# ----------------------------------------------------------------------------- rules
+def sgd(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False) -> Optimizer:
+    """Stochastic gradient descent, as ``torch.optim.SGD``.
+
+    ``g' = g + weight_decay·p``. Without momentum: ``p ← p - lr·g'``. With momentum the
+    buffer is ``b ← g'`` on the first step and ``b ← momentum·b + (1 - dampening)·g'``
+    after; then ``p ← p - lr·(g' + momentum·b)`` if ``nesterov`` else ``p ← p - lr·b``.
+
+    State: ``{"step", "momentum_buffer"}`` (no buffer when ``momentum == 0``).
+    ``nesterov`` needs ``momentum > 0`` and ``dampening == 0`` (as in torch).
+    """
+    name = "sgd"
+    lr = _check_lr(name, lr)
+    momentum = _real(name, "momentum", momentum)
+    dampening = _real(name, "dampening", dampening)
+    weight_decay = _real(name, "weight_decay", weight_decay)
+    nesterov = bool(nesterov)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{name}: nesterov=True requires momentum > 0 and dampening == 0, "
+                         f"got momentum={momentum}, dampening={dampening}")
+
+    consts = _consts(weight_decay, momentum, 1 - dampening)
+
+    def step(t, lr_t, p, g, bufs):
+        wd, mom, omd = consts[p.dtype]
+        p_out = np.empty_like(p)
+        if momentum == 0:
+            K.sgd_step(p, g, p.dtype.type(lr_t), wd, p_out, work=p.size)
+            return p_out, ()
+        b_out = np.empty_like(p)
+        K.sgd_momentum_step(p, g, bufs[0], p.dtype.type(lr_t), wd, mom, omd, nesterov, t == 0,
+                            p_out, b_out, work=p.size)
+        return p_out, (b_out,)
+
+    return _make(name, lr, ("momentum_buffer",) if momentum != 0 else (), step)
+
+
+def adagrad(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
+            eps=1e-10) -> Optimizer:
+    """Adagrad, as ``torch.optim.Adagrad``.
+
+    ``g' = g + weight_decay·p``;  ``s ← s + g'²``;
+    ``p ← p - lr_t/(1 + t·lr_decay) · g' / (sqrt(s) + eps)``, with ``s`` starting at
+    ``initial_accumulator_value``. State: ``{"step", "sum"}``.
+    """
+    name = "adagrad"
+    lr = _check_lr(name, lr)
+    lr_decay = _real(name, "lr_decay", lr_decay)
+    weight_decay = _real(name, "weight_decay", weight_decay)
+    init_acc = _real(name, "initial_accumulator_value", initial_accumulator_value)
+    eps = _real(name, "eps", eps)
+
+    consts = _consts(weight_decay, eps)
+
+    def step(t, lr_t, p, g, bufs):
+        p_out, s_out = np.empty_like(p), np.empty_like(p)
+        clr = lr_t / (1 + t * lr_decay)
+        K.adagrad_step(p, g, bufs[0], p.dtype.type(clr), *consts[p.dtype], p_out, s_out,
+                       work=p.size)
+        return p_out, (s_out,)
+
+    return _make(name, lr, ("sum",), step, fill={"sum": init_acc})
+
+
+def rmsprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+            centered=False) -> Optimizer:
+    """RMSprop, as ``torch.optim.RMSprop`` (with momentum and the centered variant).
+
+    ``g' = g + weight_decay·p``;  ``v ← alpha·v + (1 - alpha)·g'²``.
+    Centered: ``ḡ ← ḡ + (1 - alpha)·(g' - ḡ)`` and ``d = sqrt(v - ḡ²) + eps``;
+    otherwise ``d = sqrt(v) + eps``.
+    With momentum: ``b ← momentum·b + g'/d``, ``p ← p - lr·b``;
+    without: ``p ← p - lr·g'/d``.
+    All buffers start at zero. State: ``{"step", "square_avg"}`` plus ``"grad_avg"`` when
+    centered and ``"momentum_buffer"`` when ``momentum > 0``.
+    (Like torch, centered RMSprop gives NaN if rounding makes ``v - ḡ²`` negative.)
+    """
+    name = "rmsprop"
+    lr = _check_lr(name, lr)
+    alpha = _real(name, "alpha", alpha)
+    eps = _real(name, "eps", eps)
+    weight_decay = _real(name, "weight_decay", weight_decay)
+    momentum = _real(name, "momentum", momentum)
+    centered = bool(centered)
+    buffers = ("square_avg",) + (("grad_avg",) if centered else ()) + \
+        (("momentum_buffer",) if momentum > 0 else ())
+
+    consts = _consts(alpha, 1 - alpha, eps, weight_decay, momentum)
+
+    def step(t, lr_t, p, g, bufs):
+        empty = _EMPTY[p.dtype]
+        sq = bufs[0]
+        ga = bufs[1] if centered else empty
+        buf = bufs[-1] if momentum > 0 else empty
+        p_out, sq_out = np.empty_like(p), np.empty_like(p)
+        ga_out = np.empty_like(p) if centered else empty
+        buf_out = np.empty_like(p) if momentum > 0 else empty
+        K.rmsprop_step(p, g, sq, ga, buf, p.dtype.type(lr_t), *consts[p.dtype], centered,
+                       p_out, sq_out, ga_out, buf_out, work=p.size)
+        outs = (sq_out,) + ((ga_out,) if centered else ()) + ((buf_out,) if momentum > 0 else ())
+        return p_out, outs
+
+    return _make(name, lr, buffers, step)
+
+
+def _adam(name, lr, betas, eps, weight_decay, amsgrad, decoupled):
+    lr = _check_lr(name, lr)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
+    b1 = _real(name, "beta1 (betas[0])", betas[0], 0.0, 1.0)
+    b2 = _real(name, "beta2 (betas[1])", betas[1], 0.0, 1.0)
+    eps = _real(name, "eps", eps)
+    weight_decay = _real(name, "weight_decay", weight_decay)
+    amsgrad = bool(amsgrad)
+    buffers = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+
+    consts = _consts(0.0 if decoupled else weight_decay, 1 - b1, b2, 1 - b2, eps)
+
+    def step(t, lr_t, p, g, bufs):
+        dt = p.dtype.type
+        n = t + 1                        # torch counts steps from 1
+        step_size = lr_t / (1 - b1 ** n)
+        bc2_sqrt = (1 - b2 ** n) ** 0.5
+        decay = 1 - lr_t * weight_decay if decoupled else 1.0
+        empty = _EMPTY[p.dtype]
+        vmax = bufs[2] if amsgrad else empty
+        p_out, m_out, v_out = np.empty_like(p), np.empty_like(p), np.empty_like(p)
+        vmax_out = np.empty_like(p) if amsgrad else empty
+        K.adam_step(p, g, bufs[0], bufs[1], vmax, dt(decay), *consts[p.dtype], dt(step_size),
+                    dt(bc2_sqrt), amsgrad, p_out, m_out, v_out, vmax_out, work=p.size)
+        return p_out, (m_out, v_out) + ((vmax_out,) if amsgrad else ())
+
+    return _make(name, lr, buffers, step)
+
+
+def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False) -> Optimizer:
+    """Adam, as ``torch.optim.Adam`` (weight decay added to the gradient, "L2").
+
+    With ``n = t + 1``: ``g' = g + weight_decay·p``;  ``m ← m + (1 - β1)·(g' - m)``;
+    ``v ← β2·v + (1 - β2)·g'²``;  ``v̂ = max(v̂, v)`` if ``amsgrad`` else ``v``;
+    ``p ← p - lr_t/(1 - β1ⁿ) · m / (sqrt(v̂)/sqrt(1 - β2ⁿ) + eps)``.
+    ``betas = (β1, β2)``, each in [0, 1). Buffers start at zero.
+    State: ``{"step", "exp_avg", "exp_avg_sq"}`` (+ ``"max_exp_avg_sq"`` with amsgrad).
+    """
+    return _adam("adam", lr, betas, eps, weight_decay, amsgrad, decoupled=False)
+
+
+def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False) -> Optimizer:
+    """AdamW, as ``torch.optim.AdamW`` (decoupled weight decay).
+
+    ``p ← p·(1 - lr_t·weight_decay)``, then the Adam update of ``adam`` with the raw
+    gradient (no decay term in ``g``), all in one pass:
+    ``p ← p·(1 - lr_t·wd) - lr_t/(1 - β1ⁿ) · m / (sqrt(v̂)/sqrt(1 - β2ⁿ) + eps)``.
+    State as for ``adam``.
+    """
+    return _adam("adamw", lr, betas, eps, weight_decay, amsgrad, decoupled=True)
+
+
+# ----------------------------------------------------------------------------- clipping
+_CHUNK = 1 << 15  # elements per partial sum (fixed, so results don't depend on threads)
+
+
+def _sum_squares(a):
+    n = a.size
+    if n == 0:
+        return 0.0
+    partial = np.empty(-(-n // _CHUNK), np.float64)
+    K.sum_squares(a, _CHUNK, partial, work=n)
+    return float(partial.sum())
+
+
+def _norm(flat):
+    total = 0.0
+    for a in flat:
+        total += _sum_squares(a.ravel())
+    if total == math.inf:  # maybe only the squares overflowed: rescale by the largest |x|
+        amax = max((float(np.max(np.abs(a))) for a in flat if a.size), default=0.0)
+        if math.isfinite(amax) and amax > 0:
+            total = sum(_sum_squares((a / amax).ravel()) for a in flat)
+            return amax * math.sqrt(total)
+    return math.sqrt(total)
+
+
+def global_norm(grads) -> float:
+    """The L2 norm of all leaves together: ``sqrt(Σ_leaves Σ_i x_i²)``, as a Python float.
+
+    ``grads`` is a tree of float32/float64 arrays. Squares are summed in float64 in fixed
+    chunks, so the result is deterministic and independent of the thread count; float64
+    squares that overflow are handled by rescaling. NaN anywhere gives NaN; ±inf gives inf.
+    """
+    return _norm(_leaves("global_norm", grads, "grads"))
+
+
+def clip_by_global_norm(grads, max_norm, error_if_nonfinite=False):
+    """Scale ``grads`` so their global norm is at most ``max_norm``; returns ``(clipped, norm)``.
+
+    ``norm = global_norm(grads)`` (the norm before clipping). If ``norm > max_norm`` every
+    leaf is multiplied by ``max_norm / norm`` (in the leaf's dtype); otherwise the result is
+    an equal copy. Like ``torch.nn.utils.clip_grad_norm_`` but pure (new arrays, inputs
+    untouched) and without torch's ``+1e-6`` in the denominator, so the clipped norm is
+    ``max_norm`` up to rounding.
+
+    Non-finite norm (a NaN or inf in ``grads``): the grads are returned unscaled (copies; the
+    NaN/inf stays visible, nothing is hidden or zeroed) together with the non-finite
+    ``norm``, so the caller can test ``math.isfinite(norm)`` and skip the step. With
+    ``error_if_nonfinite=True`` a ValueError is raised instead.
+    """
+    name = "clip_by_global_norm"
+    max_norm = _real(name, "max_norm", max_norm)
+    flat = _leaves(name, grads, "grads")
+    norm = _norm(flat)
+    if not math.isfinite(norm):
+        if error_if_nonfinite:
+            raise ValueError(f"{name}: the global norm of grads is {norm}; the gradients contain "
+                             "NaN or inf")
+        factor = 1.0
+    else:
+        factor = max_norm / norm if norm > max_norm else 1.0
+    out = []
+    for a in flat:
+        if factor == 1.0:
+            out.append(a.copy())
+        else:
+            x = a.ravel()
+            y = np.empty_like(x)
+            K.scale(x, a.dtype.type(factor), y, work=x.size)
+            out.append(y.reshape(a.shape))
+    return _tree.unflatten(grads, out), norm

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import initializers
-from ._validate import (as_float_array, check_dtype, check_param, check_same_shape, flat)
-from .kernels import activations as A
-from .kernels import dense as D
-from .kernels import dropout as DR
+from .. import initializers
+from .._validate import (as_float_array, check_dtype, check_param, check_same_shape, flat)
+from ..kernels import activations as A
+from ..kernels import dense as D
+from ..kernels import dropout as DR
 
 __all__ = ["Layer", "Dense", "Maxout", "Identity", "Sigmoid", "Tanh", "ReLU", "LeakyReLU",
            "ELU", "GELU", "Softmax", "NoisyReLU", "Dropout", "Flatten"]

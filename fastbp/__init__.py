@@ -8,8 +8,8 @@
 from . import config  # noqa: F401  (first: prepares threads before Numba starts them)
 from .config import get_num_threads, set_num_threads, set_parallel_threshold  # noqa: F401
 from . import initializers, datasets  # noqa: F401
-from .layers import (Layer, Dense, Maxout, Identity, Sigmoid, Tanh, ReLU, LeakyReLU, ELU,  # noqa: F401
-                     GELU, Softmax, NoisyReLU, Dropout, Flatten)
+from . import layers  # noqa: F401
+from .layers import *  # noqa: F401,F403  (Dense, Conv2D, LSTM, ... : see layers.__all__)
 from .network import (Sequential, init, forward, backward, predict, count_params,  # noqa: F401
                       grad_norms)
 from . import losses, optim  # noqa: F401

@@ -36,6 +36,7 @@ def cmd_demo(args):
 
 
 def cmd_info(args):
+    import importlib.metadata
     import numba
     import scipy
 
@@ -46,24 +47,36 @@ def cmd_info(args):
     z = np.zeros(4, np.float32)
     relu_forward.parallel(z, np.empty_like(z))   # starts the thread pool, fixing the layer
     blas = np.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {})
-    cache = numba.config.CACHE_DIR or os.path.join(os.path.dirname(F.__file__), "kernels",
-                                                   "__pycache__") + " (in-tree; falls back to the user cache dir if read-only)"
+    peers = []
+    for name in ("torch", "jax"):
+        try:
+            peers.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    layer_env = os.environ.get("NUMBA_THREADING_LAYER")
     rows = [
         ("fastbp", F.__version__), ("python", sys.version.split()[0]), ("numpy", np.__version__),
         ("scipy", scipy.__version__), ("numba", numba.__version__),
-        ("threading layer", numba.threading_layer()), ("threads", numba.get_num_threads()),
+        ("peers", ", ".join(peers) or "none installed"),
+        ("threading layer", f"{numba.threading_layer()} (requested: "
+                            f"{layer_env + ' by NUMBA_THREADING_LAYER' if layer_env else 'threadsafe'})"),
+        ("threads", f"{F.get_num_threads()} of {numba.config.NUMBA_NUM_THREADS} "
+                    f"(fastbp.set_num_threads / NUMBA_NUM_THREADS)"),
         ("cpus", os.cpu_count()),
         ("BLAS (numpy)", f"{blas.get('name', '?')} {blas.get('version', '')}".strip()),
-        ("BLAS (numba, via scipy)", _scipy_blas()),
+        ("BLAS (kernels, scipy)", _scipy_blas()),
         ("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "-") +
-         ("" if config.USER_SET_WAIT_POLICY else " (set by fastbp)")),
-        ("cache dir", cache),
+         (" (set by user)" if config.USER_SET_WAIT_POLICY else " (set by fastbp)")),
+        ("cache dir", f"{config.CACHE_DIR or '-'} ({config.CACHE_SOURCE})"),
     ]
     for k, v in rows:
         print(f"{k:<24} {v}")
-    print("parallel thresholds (work units; FASTBP_PARALLEL_THRESHOLD overrides):")
+    print("parallel thresholds (work units; FASTBP_PARALLEL_THRESHOLD or "
+          "fastbp.set_parallel_threshold override):")
     for k, v in config.thresholds.items():
-        print(f"  {k:<22} {v}")
+        src = ("env" if k in config.ENV_THRESHOLDS and v == config.ENV_THRESHOLDS[k] else
+               "default" if v == config.DEFAULT_THRESHOLDS[k] else "set")
+        print(f"  {k:<22} {v:>10}  ({src})")
     return 0
 
 

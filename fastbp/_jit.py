@@ -15,15 +15,22 @@ from . import config
 # error_model="numpy": x/0 gives inf/nan like NumPy, and no per-division check blocks
 # vectorisation. fastmath stays off: it would break NaN propagation and the careful
 # range reductions in kernels/_math.py.
-OPTIONS = dict(cache=True, nogil=True, error_model="numpy")
+# cache=True unless no cache directory is writable (see config: the fallback cache dir).
+OPTIONS = dict(cache=config.CACHE_ENABLED, nogil=True, error_model="numpy")
 
 
 def jit(fn=None, **extra):
     """``numba.njit`` with fastbp's options. Usable as ``@jit`` or ``@jit(inline="always")``."""
     opts = {**OPTIONS, **extra}
+
+    def build(f):
+        d = numba.njit(**opts)(f)
+        if opts.get("inline", "never") == "never":   # inlined helpers never compile alone
+            _JIT_REGISTRY.append(d)
+        return d
     if fn is None:
-        return lambda f: numba.njit(**opts)(f)
-    return numba.njit(**opts)(fn)
+        return build
+    return build(fn)
 
 
 def _renamed_copy(fn, suffix):
@@ -74,9 +81,29 @@ def dual(family):
     return lambda fn: DualKernel(fn, family)
 
 
-_REGISTRY: list = []
+_REGISTRY: list = []       # DualKernels
+_JIT_REGISTRY: list = []   # serial dispatchers made by ``jit`` (not the inline-only ones)
 
 
 def all_dual_kernels():
     """Every DualKernel created so far (for ``fastbp info`` and warm-up checks)."""
     return list(_REGISTRY)
+
+
+def all_dispatchers():
+    """Every compiled entry point created so far, as ``(name, family, dispatcher)``.
+
+    DualKernels give two rows (``name.serial``, ``name.parallel``); a ``jit`` function
+    gets the family of its kernel module (``None`` outside ``fastbp/kernels``). A dispatcher's ``signatures`` lists what it has compiled (or
+    loaded from the cache) in this process.
+    """
+    rows = []
+    for k in _REGISTRY:
+        mod = k.py_func.__module__.rsplit(".", 1)[-1]
+        rows.append((f"{mod}.{k.__name__}.serial", k.family, k.serial))
+        rows.append((f"{mod}.{k.__name__}.parallel", k.family, k.parallel))
+    for d in _JIT_REGISTRY:
+        mod = d.py_func.__module__.rsplit(".", 1)[-1]
+        family = "activations" if mod == "_math" else mod if mod in config.thresholds else None
+        rows.append((f"{mod}.{d.py_func.__name__}", family, d))
+    return rows

@@ -1,4 +1,8 @@
-"""Input checks shared by layers and functions. They run in Python, before compiled code."""
+"""Input checks shared by layers and functions. They run in Python, before compiled code.
+
+``where`` names the caller in error messages: a string, or a layer object (formatted with
+``str`` only when an error is raised, so the checks stay cheap on the fast path).
+"""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""Run-time configuration: threading layer, thread hygiene, serial/parallel thresholds.
+"""Run-time configuration: threading layer, thread hygiene, compile cache, serial/parallel
+thresholds.
 
 This module sits at the bottom of the import graph. It must run before Numba starts
 its thread pool, so ``fastbp/__init__.py`` imports it first.
@@ -11,18 +12,21 @@ Environment variables (all optional):
     compilation when its work (roughly, scalar operations) is at least the threshold
     of its family and more than one thread is available. ``0`` always runs parallel;
     a huge number always runs serial.
-``OMP_WAIT_POLICY`` / ``NUMBA_THREADING_LAYER`` / ``NUMBA_CACHE_DIR``
+``OMP_WAIT_POLICY`` / ``NUMBA_THREADING_LAYER`` / ``NUMBA_CACHE_DIR`` / ``NUMBA_NUM_THREADS``
     Respected when set. fastbp only fills in defaults for the ones left unset.
 """
 from __future__ import annotations
 
 import os
+import tempfile
 
 # --- thread-pool hygiene -------------------------------------------------------------
 # Idle OpenMP workers that spin steal the cores OpenBLAS needs for the GEMM that follows
 # a parallel Numba region (and vice versa). PASSIVE makes idle workers sleep instead.
 # It must be in the environment before libgomp is loaded (first parallel launch).
-# See asv_benchmarks/benchmarks/threads.py for the before/after measurement.
+# Measured (asv_benchmarks/benchmarks/threads.py; a parallel ReLU over 65k floats then a
+# 256^3 float32 GEMM, alternating, 2 vCPUs): ACTIVE ~50 ms per pair, libgomp's default
+# spin ~20-50 ms, PASSIVE ~0.4 ms (the GEMM alone takes ~0.35 ms).
 USER_SET_WAIT_POLICY = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
 if not USER_SET_WAIT_POLICY:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -34,16 +38,60 @@ import numba  # noqa: E402  (after the environment is prepared)
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "threadsafe"
 
+# --- compile cache ---------------------------------------------------------------------
+# Kernels use cache=True. Numba writes next to the source (fastbp/kernels/__pycache__).
+# When that is read-only (a system-wide install) fastbp points Numba's cache at a
+# user-writable directory instead; NUMBA_CACHE_DIR, when set, always wins. When nothing
+# is writable, caching is switched off (kernels still compile, once per process).
+_KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+
+
+def _writable(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+        return True
+    except OSError:
+        return False
+
+
+def _fallback_cache_dirs():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    yield os.path.join(base, "fastbp", "numba")
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    yield os.path.join(tempfile.gettempdir(), f"fastbp-numba-cache-{uid}")
+
+
+def _choose_cache():
+    """(directory, source): where compiled kernels are cached, and why there."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"], "NUMBA_CACHE_DIR"
+    in_tree = os.path.join(_KERNEL_DIR, "__pycache__")
+    if _writable(in_tree):
+        return in_tree, "in-tree"
+    for path in _fallback_cache_dirs():
+        if _writable(path):
+            numba.config.CACHE_DIR = path       # read by Numba's cache locator per function
+            return path, "fallback (package directory is read-only)"
+    return None, "disabled (no writable cache directory)"
+
+
+CACHE_DIR, CACHE_SOURCE = _choose_cache()
+CACHE_ENABLED = CACHE_DIR is not None
+
 # --- serial / parallel dispatch --------------------------------------------------------
-# Work thresholds, in scalar operations, above which a kernel family runs its parallel
-# compilation. Measured on a 2-vCPU AVX-512 machine with the omp layer
-# (see ``python -m fastbp.bench --thresholds``); override with the env var above.
+# Work thresholds, in the work units each kernel passes to ``work=`` (roughly scalar
+# operations), at or above which a kernel family runs its parallel compilation.
+# Measured with ``python -m fastbp.tune`` (serial vs parallel build of every kernel the
+# representative layer/loss/optimizer calls reach, medians of many interleaved repeats):
+# 2026-xx, 2 vCPUs (AVX-512), omp layer, OMP_WAIT_POLICY=PASSIVE, shared and busy machine
+# (load ~3). Families without measured kernels keep 1 << 16. Override with the env var above.
 DEFAULT_THRESHOLDS = {
     "dense": 1 << 16,
     "activations": 1 << 16,
     "dropout": 1 << 16,
-    "losses": 1 << 16,
-    "optim": 1 << 16,
+    "losses": 1 << 15,
+    "optim": 1 << 17,
     "conv": 1 << 16,
     "pool": 1 << 16,
     "rnn": 1 << 16,
@@ -57,30 +105,49 @@ def _parse_threshold_env(value: str) -> dict:
     if not value:
         return {}
     if "=" not in value:
-        n = int(value)
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"FASTBP_PARALLEL_THRESHOLD: expected an integer or "
+                             f"'family=int,...', got {value!r}") from None
+        if n < 0:
+            raise ValueError(f"FASTBP_PARALLEL_THRESHOLD: must be >= 0, got {n}")
         return {k: n for k in DEFAULT_THRESHOLDS}
     out = {}
     for item in value.split(","):
+        if not item.strip():
+            continue
         name, _, num = item.partition("=")
         name = name.strip()
         if name not in DEFAULT_THRESHOLDS:
             raise ValueError(
                 f"FASTBP_PARALLEL_THRESHOLD: unknown kernel family {name!r}; "
                 f"expected one of {sorted(DEFAULT_THRESHOLDS)}")
-        out[name] = int(num)
+        try:
+            n = int(num)
+        except ValueError:
+            raise ValueError(f"FASTBP_PARALLEL_THRESHOLD: {name}: expected an integer, "
+                             f"got {num.strip()!r}") from None
+        if n < 0:
+            raise ValueError(f"FASTBP_PARALLEL_THRESHOLD: {name}: must be >= 0, got {n}")
+        out[name] = n
     return out
 
 
-thresholds.update(_parse_threshold_env(os.environ.get("FASTBP_PARALLEL_THRESHOLD", "")))
+ENV_THRESHOLDS = _parse_threshold_env(os.environ.get("FASTBP_PARALLEL_THRESHOLD", ""))
+thresholds.update(ENV_THRESHOLDS)
 
 
 def set_parallel_threshold(family: str, work: int) -> None:
-    """Set the work size at which kernels of ``family`` switch to their parallel build."""
+    """Set the work size at which kernels of ``family`` switch to their parallel build.
+
+    Process-wide. ``work = 0`` always runs parallel (with more than one thread).
+    """
     if family not in thresholds:
         raise ValueError(f"set_parallel_threshold: unknown kernel family {family!r}; "
                          f"expected one of {sorted(thresholds)}")
-    if int(work) < 0:
-        raise ValueError(f"set_parallel_threshold: work must be >= 0, got {work}")
+    if isinstance(work, bool) or int(work) != work or int(work) < 0:
+        raise ValueError(f"set_parallel_threshold: work must be an int >= 0, got {work!r}")
     thresholds[family] = int(work)
 
 
@@ -88,8 +155,11 @@ def set_num_threads(n: int) -> None:
     """Set the number of threads fastbp's parallel kernels use (Numba's thread count).
 
     ``n = 1`` makes every kernel run its serial build. Like Numba's own setting, this
-    applies to the calling Python thread.
+    applies to the calling Python thread. The maximum is ``NUMBA_NUM_THREADS`` (by
+    default the CPU count), fixed when the process starts.
     """
+    if isinstance(n, bool) or int(n) != n:
+        raise ValueError(f"set_num_threads: n must be an int, got {n!r}")
     n = int(n)
     if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
         raise ValueError(f"set_num_threads: n must be in [1, {numba.config.NUMBA_NUM_THREADS}], got {n}")

@@ -10,20 +10,37 @@ import inspect
 
 import numpy as np
 
-from . import _tree
+from . import _mlp, _tree
 from ._validate import as_float_array
 from .layers import Dense, Layer, ReLU
 
 __all__ = ["Sequential", "init", "forward", "backward", "predict", "count_params", "grad_norms"]
 
-_FUSED = "fused into the previous layer"
+_FUSED = _mlp.FUSED
 
 
 def _accepts_input_grad(layer) -> bool:
+    fn = getattr(type(layer), "backward", None)
+    if fn is not None and "backward" not in getattr(layer, "__dict__", {}):
+        try:
+            return _INPUT_GRAD_KW[fn]
+        except (KeyError, TypeError):
+            pass
+    else:
+        fn = None
     try:
-        return "input_grad" in inspect.signature(layer.backward).parameters
+        ok = "input_grad" in inspect.signature(layer.backward).parameters
     except (TypeError, ValueError):
-        return False
+        ok = False
+    if fn is not None:
+        try:
+            _INPUT_GRAD_KW[fn] = ok
+        except TypeError:
+            pass
+    return ok
+
+
+_INPUT_GRAD_KW = {}  # layer class's backward function -> accepts input_grad
 
 
 def _has_params(params) -> bool:
@@ -46,6 +63,7 @@ class Sequential(Layer):
                 raise TypeError(f"Sequential: item {i} ({layer!r}) is not a layer: it needs "
                                 "init, forward and backward methods")
         self.layers = tuple(layers)
+        self._mlp = _mlp.plan(self.layers)   # Dense/ReLU chains run as one compiled call
         self._input_grad_kw = tuple(_accepts_input_grad(layer) for layer in layers)
 
     def __setattr__(self, name, value):
@@ -81,6 +99,10 @@ class Sequential(Layer):
 
     def forward(self, params, x, *, train=False, rng=None):
         self._check_params(params)
+        if self._mlp is not None:
+            out = _mlp.forward(self._mlp, len(self.layers), params, x)
+            if out is not None:
+                return out
         caches = []
         layers = self.layers
         i, n = 0, len(layers)
@@ -100,6 +122,10 @@ class Sequential(Layer):
         self._check_params(params)
         if not isinstance(cache, list) or len(cache) != len(self.layers):
             raise ValueError("Sequential: cache does not come from this model's forward")
+        if self._mlp is not None:
+            out = _mlp.backward(self._mlp, len(self.layers), params, cache, dy, input_grad)
+            if out is not None:
+                return out
         # Without input_grad, layers before the first one with params need not run at all.
         first = 0
         if not input_grad:
@@ -137,6 +163,24 @@ def init(model, seed=0, dtype=np.float32):
     return model.init(np.random.default_rng(seed), np.dtype(dtype))
 
 
+class _LazyRng:
+    """``np.random.default_rng(seed)``, created on first use.
+
+    Most models draw no random numbers, and creating a Generator from OS entropy costs
+    ~20 µs, a large part of a small training step. Attribute access is forwarded.
+    """
+    __slots__ = ("_seed", "_gen")
+
+    def __init__(self, seed):
+        self._seed = seed
+        self._gen = None
+
+    def __getattr__(self, name):
+        if self._gen is None:
+            self._gen = np.random.default_rng(self._seed)
+        return getattr(self._gen, name)
+
+
 def forward(model, params, x, train=False, seed=None):
     """Run the forward pass. Returns ``(y, cache)``; pass ``cache`` to ``backward``.
 
@@ -144,7 +188,7 @@ def forward(model, params, x, train=False, seed=None):
     entropy). x: the model's input, in the params' dtype.
     """
     _check_model("forward", model)
-    return model.forward(params, x, train=train, rng=np.random.default_rng(seed))
+    return model.forward(params, x, train=train, rng=_LazyRng(seed))
 
 
 def backward(model, params, cache, dy, input_grad=True):

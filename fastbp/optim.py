@@ -14,8 +14,8 @@ torch's buffer names (``momentum_buffer``, ``sum``, ``square_avg``, ``grad_avg``
 ``lr`` is a number or a schedule ``t -> lr`` (see ``fastbp.optim.schedules``), called
 with ``t = state["step"]``, the number of updates done before this one (0 first).
 
-Each rule is one fused compiled kernel per array (``fastbp.kernels.optim``), computed
-in the array's dtype, with torch's order of operations. Notation in the docstrings:
+Each rule is one fused compiled kernel (``fastbp.kernels.optim``) called once per group of
+up to 8 arrays of one dtype (not one Python loop per array), computed in the arrays' dtype, with torch's order of operations. Notation in the docstrings:
 ``p`` a parameter, ``g`` its gradient, ``t`` the 0-based step, all operations elementwise.
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ from .kernels import optim as K
 __all__ = ["Optimizer", "sgd", "adagrad", "rmsprop", "adam", "adamw",
            "global_norm", "clip_by_global_norm", "schedules"]
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_FLOATS = (_F32, _F64)
 _EMPTY = {dt: np.empty(0, dt) for dt in _FLOATS}  # stand-ins for buffers a rule doesn't use
 
 
@@ -69,15 +70,6 @@ def _collect(name, tree, root, path, out):
     elif tree is not None:
         raise TypeError(f"{name}: {_where(root, path)} must be an ndarray, dict, list or tuple, "
                         f"got {type(tree).__name__}")
-
-
-def _rows(name, params, others, whats):
-    """One row ``(param, *matching leaves of others)`` per array of ``params``, in
-    ``_tree.leaves`` order. Raises when a tree of ``others`` differs from ``params`` in
-    structure, shape or dtype, naming the first mismatching array (``whats`` names the trees)."""
-    out = []
-    _row(name, params, others, whats, (), out)
-    return out
 
 
 def _row(name, p, os, whats, path, out):
@@ -173,10 +165,98 @@ def _state_step(name, state, buffers):
 
 
 # ----------------------------------------------------------------------------- builder
+_GROUP = 8  # arrays per kernel call: one compiled signature serves every model size
+
+
+def _flat(a):
+    """``a`` as a 1-D C-contiguous writeable-typed array (a view when possible)."""
+    r = a.ravel()
+    return r if r.flags.writeable else r.copy()
+
+
+def _walk(p, os, nout, rows):
+    """One pass over ``params`` (``p``) and the matching trees ``os`` (grads, buffers):
+    checks them (as ``_row`` does, silently) and, per array, allocates ``nout`` outputs like it.
+    Appends ``(p, *os, *outs)`` to ``rows`` and returns the ``nout`` output trees, or
+    None at the first anomaly (``_rows`` then names it)."""
+    if isinstance(p, np.ndarray):
+        dt, shape = p.dtype, p.shape
+        if dt is not _F32 and dt is not _F64:   # identity first: the cheap common case
+            if dt != _F32 and dt != _F64:
+                return None
+            dt = _F32 if dt == _F32 else _F64
+        for o in os:
+            if not isinstance(o, np.ndarray) or o.shape != shape or \
+                    (o.dtype is not dt and o.dtype != dt):
+                return None
+        outs = [np.empty(shape, dt) for _ in range(nout)]
+        rows.append((p, *os, *outs))
+        return outs
+    if isinstance(p, dict):
+        keys = p.keys()
+        for o in os:
+            if not isinstance(o, dict) or o.keys() != keys:
+                return None
+        sub = {}
+        for k in sorted(p):
+            r = _walk(p[k], [o[k] for o in os], nout, rows)
+            if r is None:
+                return None
+            sub[k] = r
+        return [{k: sub[k][j] for k in p} for j in range(nout)]   # caller's key order
+    if isinstance(p, (list, tuple)):
+        n = len(p)
+        for o in os:
+            if not isinstance(o, (list, tuple)) or len(o) != n:
+                return None
+        subs = []
+        for i in range(n):
+            r = _walk(p[i], [o[i] for o in os], nout, rows)
+            if r is None:
+                return None
+            subs.append(r)
+        make = list if isinstance(p, list) else tuple
+        return [make([s[j] for s in subs]) for j in range(nout)]
+    if p is None and all(o is None for o in os):
+        return [None] * nout
+    return None
+
+
+def _groups(rows):
+    """Split rows into calls of ``_GROUP`` arrays of one dtype, padded with empty arrays.
+
+    Yields ``(dtype, cols, work)``: ``cols[c]`` is the tuple of flat arrays of column
+    ``c`` of the rows, ``work`` the number of elements.
+    """
+    dt0 = rows[0][0].dtype
+    if all(r[0].dtype == dt0 for r in rows):
+        by_dtype = {dt0: rows}
+    else:
+        by_dtype = {}
+        for r in rows:
+            by_dtype.setdefault(r[0].dtype, []).append(r)
+    ncol = len(rows[0])
+    for dt, rs in by_dtype.items():
+        pad = _EMPTY[dt]
+        for lo in range(0, len(rs), _GROUP):
+            part = rs[lo:lo + _GROUP]
+            fill = (pad,) * (_GROUP - len(part))
+            cols = [tuple([_flat(r[c]) for r in part]) + fill for c in range(ncol)]
+            yield dt, cols, sum([r[0].size for r in part])
+
+
+def _none(dt):
+    """Stand-ins for arrays a rule does not use (a group of empty arrays)."""
+    return (_EMPTY[dt],) * _GROUP
+
+
 def _make(name, lr, buffers, kernel_step, fill=None):
-    """An Optimizer whose per-array rule is ``kernel_step(t, lr_t, p, g, bufs) ->
-    (p_new, new_bufs)`` on raveled arrays; ``buffers`` names the state trees."""
+    """An Optimizer whose rule is ``kernel_step(t, lr_t, dt, ps, gs, bufs, outs, work)``
+    on tuples of raveled arrays of dtype ``dt`` (see ``_groups``): it reads ``ps``, ``gs``
+    and the buffer tuples ``bufs`` and writes ``outs = [p_outs, *buf_outs]``.
+    ``buffers`` names the state trees."""
     fill = fill or {}
+    nbuf = len(buffers)
 
     def init(params):
         ps = _leaves(name, params)
@@ -188,19 +268,21 @@ def _make(name, lr, buffers, kernel_step, fill=None):
 
     def update(params, grads, state):
         t = _state_step(name, state, buffers)
-        rows = _rows(name, params, [grads] + [state[b] for b in buffers],
-                     ["grads"] + [f"state[{b!r}]" for b in buffers])
+        others = [grads] + [state[b] for b in buffers]
+        rows = []
+        new = _walk(params, others, 1 + nbuf, rows)
+        if new is None:   # report the problem with its path
+            _row(name, params, others, ["grads"] + [f"state[{b!r}]" for b in buffers], (), [])
+            raise TypeError(f"{name}: params, grads and state do not match")  # pragma: no cover
         lr_t = _lr_at(name, lr, t)
-        new_p, new_b = [], [[] for _ in buffers]
-        for p, g, *bufs in rows:
-            p_out, b_out = kernel_step(t, lr_t, p.ravel(), g.ravel(), [b.ravel() for b in bufs])
-            new_p.append(p_out.reshape(p.shape))
-            for lst, arr in zip(new_b, b_out):
-                lst.append(arr.reshape(p.shape))
+        if rows:
+            for dt, cols, work in _groups(rows):
+                kernel_step(t, lr_t, dt, cols[0], cols[1], cols[2:2 + nbuf], cols[2 + nbuf:],
+                            work)
         new_state = {"step": t + 1}
-        for b, lst in zip(buffers, new_b):
-            new_state[b] = _tree.unflatten(params, lst)
-        return _tree.unflatten(params, new_p), new_state
+        for b, tree in zip(buffers, new[1:]):
+            new_state[b] = tree
+        return new[0], new_state
 
     init.__doc__ = f"{name}: the initial state for ``params`` (step 0, buffers {list(buffers)})."
     update.__doc__ = f"{name}: ``(params, grads, state) -> (new_params, new_state)``; pure."
@@ -230,16 +312,13 @@ def sgd(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False) 
 
     consts = _consts(weight_decay, momentum, 1 - dampening)
 
-    def step(t, lr_t, p, g, bufs):
-        wd, mom, omd = consts[p.dtype]
-        p_out = np.empty_like(p)
+    def step(t, lr_t, dt, ps, gs, bufs, outs, work):
+        wd, mom, omd = consts[dt]
         if momentum == 0:
-            K.sgd_step(p, g, p.dtype.type(lr_t), wd, p_out, work=p.size)
-            return p_out, ()
-        b_out = np.empty_like(p)
-        K.sgd_momentum_step(p, g, bufs[0], p.dtype.type(lr_t), wd, mom, omd, nesterov, t == 0,
-                            p_out, b_out, work=p.size)
-        return p_out, (b_out,)
+            K.run(K.sgd_step, K.sgd_multi, work, ps, gs, dt.type(lr_t), wd, outs[0])
+        else:
+            K.run(K.sgd_momentum_step, K.sgd_momentum_multi, work, ps, gs, bufs[0],
+                  dt.type(lr_t), wd, mom, omd, nesterov, t == 0, outs[0], outs[1])
 
     return _make(name, lr, ("momentum_buffer",) if momentum != 0 else (), step)
 
@@ -261,12 +340,10 @@ def adagrad(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0
 
     consts = _consts(weight_decay, eps)
 
-    def step(t, lr_t, p, g, bufs):
-        p_out, s_out = np.empty_like(p), np.empty_like(p)
+    def step(t, lr_t, dt, ps, gs, bufs, outs, work):
         clr = lr_t / (1 + t * lr_decay)
-        K.adagrad_step(p, g, bufs[0], p.dtype.type(clr), *consts[p.dtype], p_out, s_out,
-                       work=p.size)
-        return p_out, (s_out,)
+        K.run(K.adagrad_step, K.adagrad_multi, work, ps, gs, bufs[0], dt.type(clr), *consts[dt],
+              outs[0], outs[1])
 
     return _make(name, lr, ("sum",), step, fill={"sum": init_acc})
 
@@ -296,18 +373,12 @@ def rmsprop(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
 
     consts = _consts(alpha, 1 - alpha, eps, weight_decay, momentum)
 
-    def step(t, lr_t, p, g, bufs):
-        empty = _EMPTY[p.dtype]
-        sq = bufs[0]
-        ga = bufs[1] if centered else empty
-        buf = bufs[-1] if momentum > 0 else empty
-        p_out, sq_out = np.empty_like(p), np.empty_like(p)
-        ga_out = np.empty_like(p) if centered else empty
-        buf_out = np.empty_like(p) if momentum > 0 else empty
-        K.rmsprop_step(p, g, sq, ga, buf, p.dtype.type(lr_t), *consts[p.dtype], centered,
-                       p_out, sq_out, ga_out, buf_out, work=p.size)
-        outs = (sq_out,) + ((ga_out,) if centered else ()) + ((buf_out,) if momentum > 0 else ())
-        return p_out, outs
+    def step(t, lr_t, dt, ps, gs, bufs, outs, work):
+        none = _none(dt)
+        ga, ga_outs = (bufs[1], outs[2]) if centered else (none, none)
+        buf, buf_outs = (bufs[-1], outs[-1]) if momentum > 0 else (none, none)
+        K.run(K.rmsprop_step, K.rmsprop_multi, work, ps, gs, bufs[0], ga, buf, dt.type(lr_t),
+              *consts[dt], centered, outs[0], outs[1], ga_outs, buf_outs)
 
     return _make(name, lr, buffers, step)
 
@@ -325,19 +396,16 @@ def _adam(name, lr, betas, eps, weight_decay, amsgrad, decoupled):
 
     consts = _consts(0.0 if decoupled else weight_decay, 1 - b1, b2, 1 - b2, eps)
 
-    def step(t, lr_t, p, g, bufs):
-        dt = p.dtype.type
+    def step(t, lr_t, dt, ps, gs, bufs, outs, work):
+        f = dt.type
         n = t + 1                        # torch counts steps from 1
         step_size = lr_t / (1 - b1 ** n)
         bc2_sqrt = (1 - b2 ** n) ** 0.5
         decay = 1 - lr_t * weight_decay if decoupled else 1.0
-        empty = _EMPTY[p.dtype]
-        vmax = bufs[2] if amsgrad else empty
-        p_out, m_out, v_out = np.empty_like(p), np.empty_like(p), np.empty_like(p)
-        vmax_out = np.empty_like(p) if amsgrad else empty
-        K.adam_step(p, g, bufs[0], bufs[1], vmax, dt(decay), *consts[p.dtype], dt(step_size),
-                    dt(bc2_sqrt), amsgrad, p_out, m_out, v_out, vmax_out, work=p.size)
-        return p_out, (m_out, v_out) + ((vmax_out,) if amsgrad else ())
+        vmax, vmax_outs = (bufs[2], outs[3]) if amsgrad else (_none(dt), _none(dt))
+        K.run(K.adam_step, K.adam_multi, work, ps, gs, bufs[0], bufs[1], vmax, f(decay),
+              *consts[dt], f(step_size), f(bc2_sqrt), amsgrad, outs[0], outs[1], outs[2],
+              vmax_outs)
 
     return _make(name, lr, buffers, step)
 

@@ -100,3 +100,73 @@ def maxout_scatter(dy, idx, pieces):
         for o in range(O):
             dz[m, o * pieces + idx[m, o]] = dy[m, o]
     return dz
+
+
+# --- a chain of dense layers in one call ------------------------------------------------
+# ``Sequential`` runs a model made only of Dense layers (each optionally followed by a
+# ReLU) through these two kernels: one compiled call per pass instead of one per layer.
+# Plural arguments are tuples with one entry per layer; ``bs[i]`` is (0,) without bias.
+@jit
+def mlp_forward(x, Ws, bs, relus, ys):
+    """Forward through L dense layers, writing every layer's output.
+
+    x (M, D0); Ws[i] (D_i, D_{i+1}); bs[i] (D_{i+1},) or (0,); relus[i] bool;
+    ys[i] (M, D_{i+1}) preallocated outputs: ``h_0 = x``,
+    ``ys[i] = h_{i+1} = act_i(h_i W_i + b_i)`` with act_i = ReLU if relus[i] else identity.
+    """
+    h = x
+    for i in range(len(Ws)):
+        y = ys[i]
+        np.dot(h, Ws[i], y)
+        b = bs[i]
+        M, N = y.shape
+        zero = y.dtype.type(0)
+        if b.shape[0] > 0:
+            for r in range(M):
+                for j in range(N):
+                    y[r, j] += b[j]
+        if relus[i]:
+            for r in range(M):
+                for j in range(N):
+                    y[r, j] = max(y[r, j], zero)
+        h = y
+
+
+@jit
+def mlp_backward(x, Ws, ys, dy, relus, has_bias, input_grad, dWs, dbs):
+    """Backward through the chain of ``mlp_forward``, from the last layer to the first.
+
+    x (M, D0), Ws, ys, relus as in ``mlp_forward``; dy (M, D_L) the gradient of the last
+    output. For layer i: ``dz_i = d_{i+1} ⊙ [ys[i] > 0]`` if relus[i] else ``d_{i+1}``;
+    ``dWs[i] = h_iᵀ dz_i``; ``dbs[i] = Σ_rows dz_i`` when has_bias[i];
+    ``d_i = dz_i W_iᵀ``. dWs[i] (D_i, D_{i+1}) and dbs[i] are preallocated outputs.
+    Returns dx = d_0 (M, D0), or an empty (0, 0) array when not ``input_grad``.
+    """
+    L = len(Ws)
+    d = dy
+    dx = np.zeros((0, 0), dtype=dy.dtype)
+    zero = dy.dtype.type(0)
+    for j in range(L):
+        i = L - 1 - j
+        y = ys[i]
+        M, N = y.shape
+        if relus[i]:
+            dz = np.empty_like(d)
+            for r in range(M):
+                for c in range(N):
+                    dz[r, c] = d[r, c] if y[r, c] > zero else zero
+        else:
+            dz = d
+        h = x if i == 0 else ys[i - 1]
+        np.dot(h.T, dz, dWs[i])
+        if has_bias[i]:
+            db = dbs[i]
+            db[:] = zero
+            for r in range(M):
+                for c in range(N):
+                    db[c] += dz[r, c]
+        if i > 0 or input_grad:
+            d = np.dot(dz, Ws[i].T)
+            if i == 0:
+                dx = d
+    return dx

@@ -172,3 +172,72 @@ def scale(x, s, out):
     """``out = s·x``; ``x, out (n,)``, ``s`` a scalar of ``x``'s dtype."""
     for i in prange(x.size):
         out[i] = x[i] * s
+
+
+# --- whole-tree updates -------------------------------------------------------------------
+# One compiled call updates a group of arrays, so a small model pays one dispatch instead
+# of one per array. Plural names are TUPLES of 1-D arrays, one per parameter, each passed
+# to the single-array serial kernel above. (Large groups use the parallel single-array
+# builds from Python instead: numba 0.68's parfor pass silently drops the writes of a
+# prange loop whose output arrays were unpacked from a tuple, so no prange here.)
+_sgd_step_serial = sgd_step.serial
+_sgd_momentum_step_serial = sgd_momentum_step.serial
+_adagrad_step_serial = adagrad_step.serial
+_rmsprop_step_serial = rmsprop_step.serial
+_adam_step_serial = adam_step.serial
+
+
+@jit
+def sgd_multi(ps, gs, lr, wd, p_outs):
+    """``sgd_step`` over tuples of arrays."""
+    for k in range(len(ps)):
+        _sgd_step_serial(ps[k], gs[k], lr, wd, p_outs[k])
+
+
+@jit
+def sgd_momentum_multi(ps, gs, bufs, lr, wd, momentum, one_minus_dampening, nesterov, first,
+                       p_outs, buf_outs):
+    """``sgd_momentum_step`` over tuples of arrays."""
+    for k in range(len(ps)):
+        _sgd_momentum_step_serial(ps[k], gs[k], bufs[k], lr, wd, momentum, one_minus_dampening,
+                                 nesterov, first, p_outs[k], buf_outs[k])
+
+
+@jit
+def adagrad_multi(ps, gs, ss, clr, wd, eps, p_outs, s_outs):
+    """``adagrad_step`` over tuples of arrays."""
+    for k in range(len(ps)):
+        _adagrad_step_serial(ps[k], gs[k], ss[k], clr, wd, eps, p_outs[k], s_outs[k])
+
+
+@jit
+def rmsprop_multi(ps, gs, sqs, gas, bufs, lr, alpha, one_minus_alpha, eps, wd, momentum,
+                  centered, p_outs, sq_outs, ga_outs, buf_outs):
+    """``rmsprop_step`` over tuples of arrays."""
+    for k in range(len(ps)):
+        _rmsprop_step_serial(ps[k], gs[k], sqs[k], gas[k], bufs[k], lr, alpha, one_minus_alpha,
+                            eps, wd, momentum, centered, p_outs[k], sq_outs[k], ga_outs[k],
+                            buf_outs[k])
+
+
+@jit
+def adam_multi(ps, gs, ms, vs, vmaxs, decay, wd, one_minus_beta1, beta2, one_minus_beta2, eps,
+               step_size, bc2_sqrt, amsgrad, p_outs, m_outs, v_outs, vmax_outs):
+    """``adam_step`` over tuples of arrays."""
+    for k in range(len(ps)):
+        _adam_step_serial(ps[k], gs[k], ms[k], vs[k], vmaxs[k], decay, wd, one_minus_beta1, beta2,
+                         one_minus_beta2, eps, step_size, bc2_sqrt, amsgrad, p_outs[k], m_outs[k],
+                         v_outs[k], vmax_outs[k])
+
+
+def run(step_kernel, multi_kernel, work, *args):
+    """Run an update on tuples ``args``: one serial ``multi_kernel`` call for small ``work``
+    (total elements), else the parallel single-array build once per array."""
+    from .. import config
+    if not config.use_parallel("optim", work):
+        multi_kernel(*args)
+        return
+    n = len(args[0])
+    for k in range(n):
+        if args[0][k].size:
+            step_kernel.parallel(*[a[k] if isinstance(a, tuple) else a for a in args])

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import initializers
+from .. import _blas, initializers
 from .._validate import (as_float_array, check_dtype, check_param, check_same_shape, flat)
 from ..kernels import activations as A
 from ..kernels import dense as D
@@ -34,9 +34,9 @@ class Layer:
         return {}
 
     def _check_dy(self, dy, y_shape, dtype):
-        dy = as_float_array(str(self), dy, "output gradient")
-        check_same_shape(str(self), dy, y_shape)
-        check_dtype(str(self), dy, dtype, name="output gradient", other="input")
+        dy = as_float_array(self, dy, "output gradient")
+        check_same_shape(self, dy, y_shape)
+        check_dtype(self, dy, dtype, name="output gradient", other="input")
         return dy
 
     def __str__(self):
@@ -92,26 +92,27 @@ class Dense(Layer):
         return params
 
     def _params(self, params):
-        W = check_param(str(self), params, "W", (self.in_features, self.out_features))
+        W = check_param(self, params, "W", (self.in_features, self.out_features))
         W = np.ascontiguousarray(W)
         if self.bias:
-            b = check_param(str(self), params, "b", (self.out_features,))
-            check_dtype(str(self), b, W.dtype, name="parameter 'b'", other="parameter 'W'")
+            b = check_param(self, params, "b", (self.out_features,))
+            check_dtype(self, b, W.dtype, name="parameter 'b'", other="parameter 'W'")
         else:
             b = np.zeros(0, dtype=W.dtype)
         return W, b
 
     def _check_x(self, x, dtype):
-        x = as_float_array(str(self), x)
+        x = as_float_array(self, x)
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self}: expected input (..., {self.in_features}), got {x.shape}")
-        check_dtype(str(self), x, dtype)
+        check_dtype(self, x, dtype)
         return x
 
     def forward(self, params, x, *, train=False, rng=None, relu=False):
         W, b = self._params(params)
         x = self._check_x(x, W.dtype)
         x2 = np.ascontiguousarray(x).reshape(-1, self.in_features)
+        _blas.use_for(x2.shape[0] * W.size)
         y2 = D.dense_forward(x2, W, b, relu)
         y = y2.reshape(x.shape[:-1] + (self.out_features,))
         return y, (x2, y2, relu, x.shape)
@@ -121,6 +122,7 @@ class Dense(Layer):
         x2, y2, relu, xshape = cache
         dy = self._check_dy(dy, xshape[:-1] + (self.out_features,), W.dtype)
         dy2 = np.ascontiguousarray(dy).reshape(-1, self.out_features)
+        _blas.use_for(x2.shape[0] * W.size)
         dx2, dW, db = D.dense_backward(x2, W, dy2, y2, relu, self.bias, input_grad)
         grads = {"W": dW, "b": db} if self.bias else {"W": dW}
         dx = dx2.reshape(xshape) if input_grad else None
@@ -197,7 +199,7 @@ class _Elementwise(Layer):
         raise NotImplementedError
 
     def forward(self, params, x, *, train=False, rng=None):
-        x = as_float_array(str(self), x)
+        x = as_float_array(self, x)
         xf = flat(x)
         out = np.empty_like(xf)
         self._fwd(xf, out)
@@ -218,7 +220,7 @@ class Identity(_Elementwise):
     """y = x; dx = dy."""
 
     def forward(self, params, x, *, train=False, rng=None):
-        x = as_float_array(str(self), x)
+        x = as_float_array(self, x)
         return x, (x.shape, x.dtype)
 
     def backward(self, params, cache, dy, *, input_grad=True):
@@ -305,7 +307,7 @@ class Softmax(Layer):
     """
 
     def forward(self, params, x, *, train=False, rng=None):
-        x = as_float_array(str(self), x)
+        x = as_float_array(self, x)
         if x.ndim < 1 or x.shape[-1] < 1:
             raise ValueError(f"{self}: expected input (..., K) with K >= 1, got {x.shape}")
         x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
@@ -339,7 +341,7 @@ class NoisyReLU(Layer):
             raise ValueError(f"NoisyReLU: std must be >= 0, got {self.std}")
 
     def forward(self, params, x, *, train=False, rng=None):
-        x = as_float_array(str(self), x)
+        x = as_float_array(self, x)
         xf = flat(x)
         if train and self.std > 0:
             noise = _rng(rng).standard_normal(xf.size, dtype=xf.dtype)
@@ -376,7 +378,7 @@ class Dropout(Layer):
             raise ValueError(f"Dropout: rate must be in [0, 1), got {self.rate}")
 
     def forward(self, params, x, *, train=False, rng=None):
-        x = as_float_array(str(self), x)
+        x = as_float_array(self, x)
         if not train or self.rate == 0.0:
             return x, (None, x.shape, x.dtype)
         xf = flat(x)
@@ -404,7 +406,7 @@ class Flatten(Layer):
     """(N, d1, d2, ...) → (N, d1·d2·...); backward reshapes back. Needs ndim >= 2."""
 
     def forward(self, params, x, *, train=False, rng=None):
-        x = as_float_array(str(self), x)
+        x = as_float_array(self, x)
         if x.ndim < 2:
             raise ValueError(f"{self}: expected input (N, ...) with ndim >= 2, got {x.shape}")
         # explicit size: reshape(N, -1) fails when N == 0

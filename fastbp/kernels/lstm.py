@@ -1,0 +1,217 @@
+"""LSTM kernels: one cell step, and a whole sequence with backprop through time.
+
+Formula (time-major, ``x (T, N, D)``, states ``(N, H)``, one fused gate matrix of 4H
+columns in the order i, f, g, o)::
+
+    z_t = x_t Wx + h_{t-1} Wh + b                      Wx (D, 4H), Wh (H, 4H), b (4H,)
+    i = σ(z_i), f = σ(z_f), g = tanh(z_g), o = σ(z_o)   (the four H-column blocks of z_t)
+    c_t = i ⊙ g + f ⊙ c_{t-1}
+    h_t = o ⊙ tanh(c_t)
+
+Backward (BPTT), t = T-1 .. 0, with ``gh``/``gc`` the gradients arriving at h_t / c_t::
+
+    dc     = gc + gh ⊙ o ⊙ (1 - tanh²(c_t))
+    dz_i   = dc ⊙ g ⊙ i(1 - i)          dz_f = dc ⊙ c_{t-1} ⊙ f(1 - f)
+    dz_g   = dc ⊙ i ⊙ (1 - g²)          dz_o = gh ⊙ tanh(c_t) ⊙ o(1 - o)
+    gc_{t-1} = dc ⊙ f                   gh_{t-1} = dz_t Whᵀ   (+ the output gradient at t-1)
+
+The ``dz_t`` of every step are kept (T, N, 4H) and the weight gradients are one GEMM
+each: ``dWx = Σ_t x_tᵀ dz_t``, ``dWh = Σ_t h_{t-1}ᵀ dz_t``, ``db = Σ dz``, ``dx = dz Wxᵀ``.
+
+The sequence kernels project all inputs with one GEMM (``x Wx``, (T·N, D)·(D, 4H)) before
+the recurrence and run the time loop compiled (no Python per step). The per-step
+``h_{t-1} Wh`` is one GEMM for all four gates (a plain loop when tiny, see
+``fastbp.kernels.rnn.SMALL_MATMUL``); the gate non-linearities, the cell update and tanh(c)
+are fused in one pass using the fast ``fsigmoid``/``ftanh``.
+
+Cache / memory: forward returns ``gates (T, N, 4H)`` (the activated i, f, g, o),
+``cs (T, N, H)`` and ``hs (T, N, H)``: 6·T·N·H numbers, O(T·N·H). tanh(c_t) is recomputed
+in backward rather than stored. Backward allocates ``dz (T, N, 4H)`` more.
+"""
+import numpy as np
+from numba import prange
+
+from .._jit import dual, jit
+from ._math import _wide, fsigmoid, ftanh
+from .rnn import _c, _matmul_into, _weight_grads
+
+
+# --- the fused element-wise parts, one row (one batch element) at a time ------------------
+@jit(inline="always")
+def _lstm_act_row(xw, hw, b, cprev, gates, c, h):
+    """Gates, new cell and hidden state for one row.
+
+    xw, hw, b, gates: (4H,); cprev, c, h: (H,). gates receives σ(z_i), σ(z_f), tanh(z_g),
+    σ(z_o) for z = xw + hw + b; c = i·g + f·cprev; h = o·tanh(c).
+    """
+    _wide()
+    H = c.shape[0]
+    for j in range(H):
+        i = fsigmoid(xw[j] + hw[j] + b[j])
+        f = fsigmoid(xw[H + j] + hw[H + j] + b[H + j])
+        g = ftanh(xw[2 * H + j] + hw[2 * H + j] + b[2 * H + j])
+        o = fsigmoid(xw[3 * H + j] + hw[3 * H + j] + b[3 * H + j])
+        cn = i * g + f * cprev[j]
+        gates[j] = i
+        gates[H + j] = f
+        gates[2 * H + j] = g
+        gates[3 * H + j] = o
+        c[j] = cn
+        h[j] = o * ftanh(cn)
+
+
+@jit(inline="always")
+def _lstm_grad_row(gates, cprev, c, gh, gc, dz):
+    """Pre-activation gradients for one row; gc is updated in place to the gradient at cprev.
+
+    gates, dz: (4H,); cprev, c, gh, gc: (H,). See the module docstring for the formulas.
+    """
+    _wide()
+    H = c.shape[0]
+    one = c.dtype.type(1)
+    for j in range(H):
+        i = gates[j]
+        f = gates[H + j]
+        g = gates[2 * H + j]
+        o = gates[3 * H + j]
+        tc = ftanh(c[j])
+        dh = gh[j]
+        dc = gc[j] + dh * o * (one - tc * tc)
+        dz[j] = dc * g * i * (one - i)
+        dz[H + j] = dc * cprev[j] * f * (one - f)
+        dz[2 * H + j] = dc * i * (one - g * g)
+        dz[3 * H + j] = dh * tc * o * (one - o)
+        gc[j] = dc * f
+
+
+# --- one time step ---------------------------------------------------------------------
+@jit
+def _lstm_cell_forward(x, h, c, Wx, Wh, b):
+    N, H = h.shape
+    xw = np.dot(x, Wx)
+    hw = np.empty((N, 4 * H), dtype=h.dtype)
+    _matmul_into(h, Wh, hw)
+    gates = np.empty((N, 4 * H), dtype=h.dtype)
+    c_new = np.empty((N, H), dtype=h.dtype)
+    h_new = np.empty((N, H), dtype=h.dtype)
+    for n in range(N):
+        _lstm_act_row(xw[n], hw[n], b, c[n], gates[n], c_new[n], h_new[n])
+    return h_new, c_new, gates
+
+
+@jit
+def _lstm_cell_backward(x, h, c, c_new, gates, Wx, Wh, dh_new, dc_new):
+    N, H = h.shape
+    dz = np.empty((N, 4 * H), dtype=h.dtype)
+    dc = dc_new.copy()
+    for n in range(N):
+        _lstm_grad_row(gates[n], c[n], c_new[n], dh_new[n], dc[n], dz[n])
+    dx = np.dot(dz, Wx.T)
+    dh = np.dot(dz, Wh.T)
+    dWx = np.dot(x.T, dz)
+    dWh = np.dot(h.T, dz)
+    db = np.zeros(4 * H, dtype=h.dtype)
+    for n in range(N):
+        for j in range(4 * H):
+            db[j] += dz[n, j]
+    return dx, dh, dc, dWx, dWh, db
+
+
+def lstm_cell_forward(x, h, c, Wx, Wh, b):
+    """One LSTM step (gates i, f, g, o): ``z = x Wx + h Wh + b``, ``c_new = σ(z_i)⊙tanh(z_g)
+    + σ(z_f)⊙c``, ``h_new = σ(z_o)⊙tanh(c_new)``.
+
+    x (N, D), h (N, H), c (N, H) the previous states, Wx (D, 4H), Wh (H, 4H), b (4H,).
+    Returns (h_new (N, H), c_new (N, H), gates (N, 4H) = the activated i, f, g, o).
+    For backward keep x, h, c, c_new and gates.
+    """
+    return _lstm_cell_forward(*_c(x, h, c, Wx, Wh, b))
+
+
+def lstm_cell_backward(x, h, c, c_new, gates, Wx, Wh, dh_new, dc_new):
+    """Backward of one LSTM step.
+
+    x (N, D), h (N, H), c (N, H): the step's inputs; c_new (N, H), gates (N, 4H): from
+    lstm_cell_forward; Wx (D, 4H), Wh (H, 4H); dh_new, dc_new (N, H): gradients at the new
+    states (zeros when c_new is not used further). With dz (N, 4H) as in the module
+    docstring, returns (dx = dz Wxᵀ (N, D), dh = dz Whᵀ (N, H), dc = dc_total ⊙ f (N, H),
+    dWx = xᵀ dz (D, 4H), dWh = hᵀ dz (H, 4H), db = Σ_n dz (4H,)).
+    """
+    return _lstm_cell_backward(*_c(x, h, c, c_new, gates, Wx, Wh, dh_new, dc_new))
+
+
+# --- a whole sequence ------------------------------------------------------------------
+@dual("lstm")
+def _lstm_forward(x, h0, c0, Wx, Wh, b):
+    T, N, D = x.shape
+    H = h0.shape[1]
+    G = 4 * H
+    xw = np.dot(x.reshape(T * N, D), Wx).reshape(T, N, G)   # all input projections at once
+    gates = np.empty((T, N, G), dtype=x.dtype)
+    cs = np.empty((T, N, H), dtype=x.dtype)
+    hs = np.empty((T, N, H), dtype=x.dtype)
+    hw = np.empty((N, G), dtype=x.dtype)
+    for t in range(T):
+        hprev = h0 if t == 0 else hs[t - 1]
+        cprev = c0 if t == 0 else cs[t - 1]
+        _matmul_into(hprev, Wh, hw)
+        xwt, gt, ct, ht = xw[t], gates[t], cs[t], hs[t]
+        for n in prange(N):
+            _lstm_act_row(xwt[n], hw[n], b, cprev[n], gt[n], ct[n], ht[n])
+    return gates, cs, hs
+
+
+@dual("lstm")
+def _lstm_backward(x, h0, c0, gates, cs, hs, Wx, Wh, dhs, dhT, dcT, input_grad):
+    T, N, D = x.shape
+    H = h0.shape[1]
+    G = 4 * H
+    WhT = np.ascontiguousarray(Wh.T)
+    dz = np.empty((T, N, G), dtype=x.dtype)
+    gh = dhT.copy()                      # gradient arriving at h_t
+    gc = dcT.copy()                      # gradient arriving at c_t
+    per_step = dhs.shape[0] == T
+    for t in range(T - 1, -1, -1):
+        cprev = c0 if t == 0 else cs[t - 1]
+        gt, ct, dzt = gates[t], cs[t], dz[t]
+        if per_step:
+            dht = dhs[t]
+            for n in prange(N):
+                for j in range(H):
+                    gh[n, j] += dht[n, j]
+        for n in prange(N):
+            _lstm_grad_row(gt[n], cprev[n], ct[n], gh[n], gc[n], dzt[n])
+        _matmul_into(dzt, WhT, gh)       # gh_{t-1} = dz_t Whᵀ
+    dx, dWx, dWh, db = _weight_grads(x, h0, hs, dz, input_grad, Wx)
+    return dx, gh, gc, dWx, dWh, db
+
+
+def _work(N, H):
+    # one step's element-wise work (rough scalar-op units): a parallel region is launched
+    # per time step, so that is what must outweigh the launch cost
+    return N * H * 40
+
+
+def lstm_forward(x, h0, c0, Wx, Wh, b):
+    """LSTM over a whole sequence (see the module docstring for the formulas).
+
+    x (T, N, D), h0, c0 (N, H) the initial states (zeros for none), Wx (D, 4H), Wh (H, 4H),
+    b (4H,). Returns (gates (T, N, 4H), cs (T, N, H), hs (T, N, H)): the activated gates and
+    every c_t and h_t (hs[-1], cs[-1] are the final states). This is the cache backward needs
+    besides x, h0, c0 and the weights.
+    """
+    x, h0, c0, Wx, Wh, b = _c(x, h0, c0, Wx, Wh, b)
+    return _lstm_forward(x, h0, c0, Wx, Wh, b, work=_work(*h0.shape))
+
+
+def lstm_backward(x, h0, c0, gates, cs, hs, Wx, Wh, dhs, dhT, dcT, input_grad=True):
+    """Backprop through time for ``lstm_forward``.
+
+    x (T, N, D), h0, c0 (N, H), gates (T, N, 4H), cs, hs (T, N, H) from lstm_forward,
+    Wx (D, 4H), Wh (H, 4H). dhs (T, N, H): gradient at every h_t, or shape (0, N, H) when only
+    the final state is used; dhT, dcT (N, H): gradients at the final states from outside the
+    sequence (zeros for none; dhT is added to dhs[-1]). Returns (dx (T, N, D) or (0, 0, 0)
+    when not ``input_grad``, dh0 (N, H), dc0 (N, H), dWx (D, 4H), dWh (H, 4H), db (4H,)).
+    """
+    args = _c(x, h0, c0, gates, cs, hs, Wx, Wh, dhs, dhT, dcT)
+    return _lstm_backward(*args, bool(input_grad), work=_work(*h0.shape))

@@ -1,0 +1,234 @@
+"""Simple (Elman) RNN kernels: one cell step, and a whole sequence with backprop through time.
+
+Formula (time-major, ``x (T, N, D)``, hidden state ``(N, H)``)::
+
+    a_t = x_t Wx + h_{t-1} Wh + b          Wx (D, H), Wh (H, H), b (H,)
+    h_t = f(a_t)                           f = tanh, or relu when ``relu`` is True
+
+Backward (BPTT), from t = T-1 down to 0, with ``g`` the gradient arriving at ``h_t``
+(from the output at step t and from step t+1)::
+
+    da_t    = g ⊙ f'(a_t)                  f' = 1 - h_t² (tanh), [h_t > 0] (relu)
+    g_{t-1} = da_t Whᵀ                     (at t = 0 this is dh0)
+
+then, with every ``da_t`` kept, one GEMM each: ``dWx = Σ_t x_tᵀ da_t``,
+``dWh = Σ_t h_{t-1}ᵀ da_t``, ``db = Σ_t Σ_n da_t``, ``dx_t = da_t Wxᵀ``.
+
+The sequence kernels do the input projection ``x Wx`` of all steps as one GEMM before
+the recurrence, and run the time loop in compiled code (no Python per step). The product
+``h_{t-1} Wh`` of one step is a BLAS GEMM, or a plain loop when it is tiny (a BLAS call
+costs more than a 32x32 product; see ``SMALL_MATMUL``).
+
+Cache / memory: forward returns ``hs (T, N, H)``, the only thing backward needs besides the
+inputs ``x``, ``h0`` and the weights: O(T·N·H). Backward allocates ``da (T, N, H)`` more.
+
+The public functions take C-contiguous arrays of one float dtype (float32 or float64) and
+validate nothing else: layers (``fastbp.layers.recurrent``) check shapes first.
+"""
+import numpy as np
+from numba import prange
+
+from .._jit import dual, jit
+from ._math import _wide, ftanh
+
+# Per-step products with at most this many multiply-adds (N·K·M) are written as loops; bigger
+# ones call BLAS. Measured on the 2-vCPU AVX-512 machine: a loop wins below ~32k (N=1, and the
+# LSTM of H=32 with N<=8), BLAS wins above (see asv_benchmarks/benchmarks/lstm.py).
+SMALL_MATMUL = 1 << 15
+
+
+@jit(inline="always")
+def _matmul_into(a, B, out):
+    """out = a B.   a (N, K), B (K, M), out (N, M); all C-contiguous, one dtype."""
+    N, K = a.shape
+    M = B.shape[1]
+    if N * K * M <= SMALL_MATMUL:
+        zero = out.dtype.type(0)
+        for n in range(N):
+            for j in range(M):
+                out[n, j] = zero
+            for k in range(K):
+                ank = a[n, k]
+                for j in range(M):
+                    out[n, j] += ank * B[k, j]
+    else:
+        np.dot(a, B, out)
+
+
+@jit(inline="always")
+def _weight_grads(x, h0, hs, dz, input_grad, Wx):
+    """The weight gradients from the stored per-step pre-activation gradients, one GEMM each.
+
+    x (T, N, D), h0 (N, H), hs (T, N, H), dz (T, N, G), Wx (D, G). Returns
+    (dx (T, N, D) = dz Wxᵀ or (0, 0, 0), dWx (D, G) = Σ_t x_tᵀ dz_t,
+    dWh (H, G) = h0ᵀ dz_0 + Σ_{t>=1} h_{t-1}ᵀ dz_t, db (G,) = Σ_{t,n} dz_t[n]).
+    """
+    T, N, D = x.shape
+    H = h0.shape[1]
+    G = dz.shape[2]
+    dz2 = dz.reshape(T * N, G)
+    dWx = np.dot(x.reshape(T * N, D).T, dz2)
+    dWh = np.dot(h0.T, dz[0])
+    if T > 1:
+        dWh += np.dot(hs[:T - 1].reshape((T - 1) * N, H).T, dz[1:].reshape((T - 1) * N, G))
+    db = np.zeros(G, dtype=dz.dtype)
+    for r in range(T * N):
+        for j in range(G):
+            db[j] += dz2[r, j]
+    if input_grad:
+        dx = np.dot(dz2, Wx.T).reshape(T, N, D)
+    else:
+        dx = np.zeros((0, 0, 0), dtype=dz.dtype)
+    return dx, dWx, dWh, db
+
+
+# --- one time step ---------------------------------------------------------------------
+@jit(inline="always")
+def _rnn_act_row(xw, hw, b, relu, out):
+    """out = f(xw + hw + b) for one row.   all (H,)"""
+    _wide()
+    zero = out.dtype.type(0)
+    if relu:
+        for j in range(out.shape[0]):
+            v = xw[j] + hw[j] + b[j]
+            out[j] = v if not v < zero else zero
+    else:
+        for j in range(out.shape[0]):
+            out[j] = ftanh(xw[j] + hw[j] + b[j])
+
+
+@jit(inline="always")
+def _rnn_grad_row(h, g, relu, da):
+    """da = g ⊙ f'(a) from h = f(a).   all (H,)"""
+    zero = h.dtype.type(0)
+    one = h.dtype.type(1)
+    if relu:
+        for j in range(h.shape[0]):
+            da[j] = g[j] if h[j] > zero else zero
+    else:
+        for j in range(h.shape[0]):
+            da[j] = g[j] * (one - h[j] * h[j])
+
+
+@jit
+def _rnn_cell_forward(x, h, Wx, Wh, b, relu):
+    N, H = h.shape
+    xw = np.dot(x, Wx)
+    hw = np.empty((N, H), dtype=h.dtype)
+    _matmul_into(h, Wh, hw)
+    out = np.empty((N, H), dtype=h.dtype)
+    for n in range(N):
+        _rnn_act_row(xw[n], hw[n], b, relu, out[n])
+    return out
+
+
+@jit
+def _rnn_cell_backward(x, h, h_new, Wx, Wh, dh_new, relu):
+    N, H = h.shape
+    da = np.empty((N, H), dtype=h.dtype)
+    for n in range(N):
+        _rnn_grad_row(h_new[n], dh_new[n], relu, da[n])
+    dx = np.dot(da, Wx.T)
+    dh = np.dot(da, Wh.T)
+    dWx = np.dot(x.T, da)
+    dWh = np.dot(h.T, da)
+    db = np.zeros(H, dtype=h.dtype)
+    for n in range(N):
+        for j in range(H):
+            db[j] += da[n, j]
+    return dx, dh, dWx, dWh, db
+
+
+def rnn_cell_forward(x, h, Wx, Wh, b, relu=False):
+    """One RNN step: ``h_new = f(x Wx + h Wh + b)``, f = tanh (or relu).
+
+    x (N, D), h (N, H) the previous state, Wx (D, H), Wh (H, H), b (H,).
+    Returns h_new (N, H). For backward keep x, h and h_new.
+    """
+    return _rnn_cell_forward(*_c(x, h, Wx, Wh, b), bool(relu))
+
+
+def rnn_cell_backward(x, h, h_new, Wx, Wh, dh_new, relu=False):
+    """Backward of one RNN step.
+
+    x (N, D), h (N, H), h_new (N, H) = rnn_cell_forward(x, h, ...), Wx (D, H), Wh (H, H),
+    dh_new (N, H) the gradient at h_new. With ``da = dh_new ⊙ f'`` (f' = 1 - h_new² or
+    [h_new > 0]) returns (dx = da Wxᵀ (N, D), dh = da Whᵀ (N, H), dWx = xᵀ da (D, H),
+    dWh = hᵀ da (H, H), db = Σ_n da (H,)).
+    """
+    return _rnn_cell_backward(*_c(x, h, h_new, Wx, Wh, dh_new), bool(relu))
+
+
+# --- a whole sequence ------------------------------------------------------------------
+@dual("rnn")
+def _rnn_forward(x, h0, Wx, Wh, b, relu):
+    T, N, D = x.shape
+    H = h0.shape[1]
+    xw = np.dot(x.reshape(T * N, D), Wx).reshape(T, N, H)   # all input projections at once
+    hs = np.empty((T, N, H), dtype=x.dtype)
+    hw = np.empty((N, H), dtype=x.dtype)
+    for t in range(T):
+        hprev = h0 if t == 0 else hs[t - 1]
+        _matmul_into(hprev, Wh, hw)
+        ht = hs[t]
+        xwt = xw[t]
+        for n in prange(N):
+            _rnn_act_row(xwt[n], hw[n], b, relu, ht[n])
+    return hs
+
+
+@dual("rnn")
+def _rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, relu, input_grad):
+    T, N, D = x.shape
+    H = h0.shape[1]
+    WhT = np.ascontiguousarray(Wh.T)
+    da = np.empty((T, N, H), dtype=x.dtype)
+    g = dhT.copy()                       # gradient arriving at h_t
+    per_step = dhs.shape[0] == T
+    for t in range(T - 1, -1, -1):
+        ht = hs[t]
+        dat = da[t]
+        if per_step:
+            dht = dhs[t]
+            for n in prange(N):
+                for j in range(H):
+                    g[n, j] += dht[n, j]
+        for n in prange(N):
+            _rnn_grad_row(ht[n], g[n], relu, dat[n])
+        _matmul_into(dat, WhT, g)        # g_{t-1} = da_t Whᵀ
+    dx, dWx, dWh, db = _weight_grads(x, h0, hs, da, input_grad, Wx)
+    return dx, g, dWx, dWh, db
+
+
+def _c(*arrays):
+    return tuple(np.ascontiguousarray(a) for a in arrays)
+
+
+def _work(N, H):
+    # per time step: a parallel region is launched per step, so compare one step's
+    # element-wise work (in rough scalar-op units) with the family threshold
+    return N * H * 8
+
+
+def rnn_forward(x, h0, Wx, Wh, b, relu=False):
+    """RNN over a whole sequence: ``h_t = f(x_t Wx + h_{t-1} Wh + b)``, t = 0..T-1.
+
+    x (T, N, D), h0 (N, H) the initial state (zeros for none), Wx (D, H), Wh (H, H), b (H,).
+    Returns hs (T, N, H), every h_t (hs[-1] is the final state). Backward needs x, h0, hs.
+    """
+    x, h0, Wx, Wh, b = _c(x, h0, Wx, Wh, b)
+    return _rnn_forward(x, h0, Wx, Wh, b, bool(relu), work=_work(*h0.shape))
+
+
+def rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, relu=False, input_grad=True):
+    """Backprop through time for ``rnn_forward``.
+
+    x (T, N, D), h0 (N, H), hs (T, N, H) from rnn_forward, Wx (D, H), Wh (H, H).
+    dhs (T, N, H): the gradient at every h_t, or shape (0, N, H) when only the final state
+    is used; dhT (N, H): a gradient at the final state h_{T-1} from outside (zeros for none;
+    added to dhs[-1]). Returns (dx (T, N, D), or (0, 0, 0) when not ``input_grad``,
+    dh0 (N, H), dWx (D, H), dWh (H, H), db (H,)), as in the module docstring.
+    """
+    x, h0, hs, Wx, Wh, dhs, dhT = _c(x, h0, hs, Wx, Wh, dhs, dhT)
+    return _rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, bool(relu), bool(input_grad),
+                         work=_work(*h0.shape))

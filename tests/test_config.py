@@ -1,0 +1,158 @@
+"""fastbp.config: thresholds, their overrides, thread count, wait policy, cache dir, and
+``fastbp info``. Settings read at import are checked in fresh subprocesses."""
+import json
+import os
+import subprocess
+import sys
+
+import numba
+import pytest
+
+import fastbp
+from fastbp import config
+
+
+def run_py(code, **env):
+    full = dict(os.environ)
+    for k in ("FASTBP_PARALLEL_THRESHOLD", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+              "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR"):
+        full.pop(k, None)
+    full.update(env)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full,
+                       timeout=300)
+    return p
+
+
+PROBE = ("import os, json, fastbp; from fastbp import config; print(json.dumps({"
+         "'thresholds': config.thresholds, 'policy': os.environ.get('OMP_WAIT_POLICY'), "
+         "'user_set': config.USER_SET_WAIT_POLICY, 'layer': __import__('numba').config.THREADING_LAYER, "
+         "'cache': config.CACHE_DIR, 'source': config.CACHE_SOURCE}))")
+
+
+def probe(**env):
+    p = run_py(PROBE, **env)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- threshold env parsing
+def test_parse_single_int_applies_to_every_family():
+    assert config._parse_threshold_env("123") == {k: 123 for k in config.DEFAULT_THRESHOLDS}
+
+
+def test_parse_family_list():
+    assert config._parse_threshold_env(" dense=5, losses = 7 ,") == {"dense": 5, "losses": 7}
+
+
+def test_parse_empty():
+    assert config._parse_threshold_env("  ") == {}
+
+
+@pytest.mark.parametrize("value, match", [
+    ("convv=5", "unknown kernel family 'convv'"),
+    ("abc", "expected an integer"),
+    ("dense=x", "dense: expected an integer"),
+    ("-1", "must be >= 0"),
+    ("dense=-3", "dense: must be >= 0"),
+])
+def test_parse_errors(value, match):
+    with pytest.raises(ValueError, match=match):
+        config._parse_threshold_env(value)
+
+
+def test_env_threshold_in_fresh_process():
+    got = probe(FASTBP_PARALLEL_THRESHOLD="losses=7,optim=0")
+    expect = dict(config.DEFAULT_THRESHOLDS, losses=7, optim=0)
+    assert got["thresholds"] == expect
+
+
+def test_defaults_cover_every_family_and_are_positive():
+    assert set(config.DEFAULT_THRESHOLDS) == {"dense", "activations", "dropout", "losses",
+                                              "optim", "conv", "pool", "rnn", "lstm"}
+    assert all(isinstance(v, int) and v > 0 for v in config.DEFAULT_THRESHOLDS.values())
+
+
+# ------------------------------------------------------------ set_parallel_threshold
+def test_set_parallel_threshold_changes_dispatch():
+    saved = config.thresholds["losses"]
+    try:
+        config.set_parallel_threshold("losses", 100)
+        if numba.get_num_threads() > 1:
+            assert config.use_parallel("losses", 100)
+        assert not config.use_parallel("losses", 99)
+    finally:
+        config.set_parallel_threshold("losses", saved)
+
+
+@pytest.mark.parametrize("family, work, match", [
+    ("nope", 1, "unknown kernel family 'nope'"),
+    ("dense", -1, "work must be an int >= 0"),
+    ("dense", 1.5, "work must be an int >= 0"),
+    ("dense", True, "work must be an int >= 0"),
+])
+def test_set_parallel_threshold_errors(family, work, match):
+    with pytest.raises(ValueError, match=match):
+        fastbp.set_parallel_threshold(family, work)
+
+
+# ------------------------------------------------------------------- set_num_threads
+def test_set_num_threads_one_makes_everything_serial():
+    n = fastbp.get_num_threads()
+    try:
+        fastbp.set_num_threads(1)
+        assert fastbp.get_num_threads() == 1
+        assert not config.use_parallel("dense", 1 << 60)
+    finally:
+        fastbp.set_num_threads(n)
+    assert fastbp.get_num_threads() == n
+
+
+@pytest.mark.parametrize("n", [0, -1, 10 ** 6, 1.5, True])
+def test_set_num_threads_errors(n):
+    with pytest.raises(ValueError, match="set_num_threads: n must be"):
+        fastbp.set_num_threads(n)
+
+
+# ------------------------------------------------------------ wait policy, threading
+def test_wait_policy_defaults_to_passive():
+    got = probe()
+    assert got["policy"] == "PASSIVE" and got["user_set"] is False
+
+
+@pytest.mark.parametrize("env", [{"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "1000"}])
+def test_wait_policy_respects_user(env):
+    got = probe(**env)
+    assert got["user_set"] is True
+    assert got["policy"] == env.get("OMP_WAIT_POLICY")
+
+
+def test_threading_layer_threadsafe_unless_user_set():
+    assert probe()["layer"] == "threadsafe"
+    assert probe(NUMBA_THREADING_LAYER="workqueue")["layer"] == "workqueue"
+
+
+# --------------------------------------------------------------------------- cache
+def test_cache_in_tree_by_default():
+    got = probe()
+    assert got["source"] == "in-tree"
+    assert got["cache"] == os.path.join(os.path.dirname(fastbp.__file__), "kernels", "__pycache__")
+
+
+def test_numba_cache_dir_respected(tmp_path):
+    got = probe(NUMBA_CACHE_DIR=str(tmp_path))
+    assert got["cache"] == str(tmp_path) and got["source"] == "NUMBA_CACHE_DIR"
+
+
+# --------------------------------------------------------------------------- info
+def test_info_prints_everything():
+    p = run_py("import sys, fastbp.__main__ as m; sys.exit(m.main(['info']))",
+               FASTBP_PARALLEL_THRESHOLD="pool=3")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    for key in ("numba", "numpy", "scipy", "threading layer", "threads", "BLAS", "cache dir",
+                "OMP_WAIT_POLICY", "parallel thresholds"):
+        assert key in out, key
+    for fam in config.DEFAULT_THRESHOLDS:
+        assert f"  {fam} " in out
+    assert "3  (env)" in out
+    assert "PASSIVE (set by fastbp)" in out

@@ -1,0 +1,309 @@
+"""Conv2D: kernels and layer against finite differences, the plain-loop reference
+(tests/naive.py) and the flipped-kernel identity; dtypes, determinism, errors."""
+import itertools
+
+import numpy as np
+import pytest
+
+import fastbp
+from fastbp import gradcheck, losses
+from fastbp.kernels import conv as K
+from fastbp.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU
+
+import naive
+
+METHODS = ["direct", "gemm"]
+
+# (stride, padding, kernel) grid; C, F, N and the input size vary along it so that every
+# channel count 1..5, batch 1 and > 1, square and non-square inputs all appear.
+GRID = [(s, p, k) for s, p, k in itertools.product([1, 2, (2, 1)], [0, 1, 2, (0, 2)],
+                                                   [(1, 1), (3, 3), (2, 3), (3, 1)])]
+
+
+def _case(i, rng, dtype=np.float64):
+    s, p, k = GRID[i]
+    C, F = 1 + i % 5, 1 + (3 * i + 2) % 5
+    N = 1 if i % 3 == 0 else 3
+    H, W = (5, 7) if i % 2 else (6, 6)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    Wt = rng.standard_normal((F, C) + k).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    return x, Wt, b, s, p
+
+
+def _ids(i):
+    s, p, k = GRID[i]
+    return f"s{s}-p{p}-k{k[0]}x{k[1]}"
+
+
+def central_diff(f, a, eps=1e-6):
+    """∂f/∂a by central differences, f: array -> float (a is restored)."""
+    g = np.zeros_like(a)
+    flat, gf = a.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        up = f()
+        flat[i] = old - eps
+        down = f()
+        flat[i] = old
+        gf[i] = (up - down) / (2 * eps)
+    return g
+
+
+# ---------------------------------------------------------------- finite differences
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("i", range(len(GRID)), ids=_ids)
+def test_conv_kernels_finite_differences(i, method, rng):
+    x, Wt, b, s, p = _case(i, rng)
+    y = K.conv2d_forward(x, Wt, b, s, p, False, method)
+    g = rng.standard_normal(y.shape)                       # L = Σ g·y, so dL/dy = g
+
+    def loss():
+        return float(np.sum(g * K.conv2d_forward(x, Wt, b, s, p, False, method)))
+
+    dx, dW, db = K.conv2d_backward(x, Wt, g, s, p, True, True, None, method)
+    for analytic, arr in ((dx, x), (dW, Wt), (db, b)):
+        numeric = central_diff(loss, arr)
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), ((1, 2), (2, 0))])
+def test_conv_layer_gradcheck(stride, padding, rng):
+    layer = Conv2D(3, 4, (3, 2), stride=stride, padding=padding)
+    params = layer.init(rng, np.float64)
+    params["b"] = rng.standard_normal(4)
+    x = rng.standard_normal((2, 3, 7, 6))
+    y, _ = layer.forward(params, x)
+    target = rng.standard_normal(y.shape)
+    rep = gradcheck(layer, params, x, target, losses.mse)
+    assert rep.passed(1e-6), str(rep)
+
+
+def test_small_cnn_with_flatten_gradcheck(rng):
+    model = fastbp.Sequential(Conv2D(1, 3, 3, padding=1), ReLU(), MaxPool2D(2),
+                              Conv2D(3, 4, 2), ReLU(), AvgPool2D(2, 1), Flatten(), Dense(4, 3))
+    params = fastbp.init(model, seed=1, dtype=np.float64)
+    x = rng.standard_normal((3, 1, 6, 6))
+    labels = np.array([0, 2, 1])
+    rep = gradcheck(model, params, x, labels, losses.softmax_cross_entropy)
+    assert rep.passed(1e-5), str(rep)
+
+
+# ---------------------------------------------------------------- plain-loop reference
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("i", range(0, len(GRID), 2), ids=lambda i: _ids(i))
+def test_conv_matches_naive(i, method, rng):
+    x, Wt, b, s, p = _case(i, rng)
+    yr = naive.conv2d(x, Wt, b, s, p)
+    dy = rng.standard_normal(yr.shape)
+    np.testing.assert_allclose(K.conv2d_forward(x, Wt, b, s, p, False, method), yr,
+                               rtol=1e-12, atol=1e-12)
+    dxr, dWr, dbr = naive.conv2d_backward_direct(x, Wt, dy, s, p)
+    dx, dW, db = K.conv2d_backward(x, Wt, dy, s, p, True, True, None, method)
+    np.testing.assert_allclose(dx, dxr, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dW, dWr, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(db, dbr, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("i", range(len(GRID)), ids=_ids)
+def test_flipped_kernel_identity(i, rng):
+    """dx = correlation of the dilated, (K−1−p)-padded dy with the flipped kernel
+    equals the direct derivative, and both equal what the kernels return."""
+    x, Wt, b, s, p = _case(i, rng)
+    dy = rng.standard_normal(naive.conv2d(x, Wt, b, s, p).shape)
+    flipped = naive.conv2d_dx_flipped(dy, Wt, x.shape, s, p)
+    direct, _, _ = naive.conv2d_backward_direct(x, Wt, dy, s, p)
+    np.testing.assert_allclose(flipped, direct, rtol=1e-12, atol=1e-12)
+    for method in METHODS:
+        dx, _, _ = K.conv2d_backward(x, Wt, dy, s, p, True, True, None, method)
+        np.testing.assert_allclose(dx, flipped, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fused_relu(method, rng):
+    x, Wt, b, s, p = _case(5, rng)
+    yr = naive.conv2d(x, Wt, b, s, p)
+    y = K.conv2d_forward(x, Wt, b, s, p, True, method)
+    np.testing.assert_allclose(y, np.maximum(yr, 0), rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dxr, dWr, dbr = naive.conv2d_backward_direct(x, Wt, dy * (yr > 0), s, p)
+    dx, dW, db = K.conv2d_backward(x, Wt, dy, s, p, True, True, y, method)
+    for a, r in ((dx, dxr), (dW, dWr), (db, dbr)):
+        np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_input_grad_false_and_no_bias(method, rng):
+    x, Wt, b, s, p = _case(7, rng)
+    dy = rng.standard_normal(naive.conv2d(x, Wt, None, s, p).shape)
+    dx, dW, db = K.conv2d_backward(x, Wt, dy, s, p, False, False, None, method)
+    assert dx is None and db.shape == (0,)
+    np.testing.assert_allclose(dW, naive.conv2d_backward_direct(x, Wt, dy, s, p)[1], rtol=1e-12)
+    layer = Conv2D(x.shape[1], Wt.shape[0], Wt.shape[2:], stride=s, padding=p, bias=False)
+    params = {"W": Wt}
+    y, cache = layer.forward(params, x)
+    np.testing.assert_allclose(y, naive.conv2d(x, Wt, None, s, p), rtol=1e-12)
+    dx, grads = layer.backward(params, cache, dy, input_grad=False)
+    assert dx is None and set(grads) == {"W"}
+
+
+def test_gemm_chunks_match_one_chunk(rng, monkeypatch):
+    x = rng.standard_normal((5, 4, 6, 7))
+    Wt = rng.standard_normal((3, 4, 3, 3))
+    b = rng.standard_normal(3)
+    dy = rng.standard_normal((5, 3, 6, 7))
+    y1 = K.conv2d_forward(x, Wt, b, 1, 1, True, "gemm")
+    g1 = K.conv2d_backward(x, Wt, dy, 1, 1, True, True, y1, "gemm")
+    monkeypatch.setattr(K, "CHUNK_ELEMENTS", 36 * 42 * 2)          # two samples per chunk
+    y2 = K.conv2d_forward(x, Wt, b, 1, 1, True, "gemm")
+    g2 = K.conv2d_backward(x, Wt, dy, 1, 1, True, True, y2, "gemm")
+    np.testing.assert_allclose(y2, y1, rtol=1e-13, atol=1e-13)
+    for a, r in zip(g2, g1):
+        np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- dtypes, threads, determinism
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_agrees_with_float64(method, rng):
+    x, Wt, b, s, p = _case(9, rng)
+    y64 = K.conv2d_forward(x, Wt, b, s, p, True, method)
+    dy = rng.standard_normal(y64.shape)
+    g64 = K.conv2d_backward(x, Wt, dy, s, p, True, True, y64, method)
+    f = np.float32
+    y32 = K.conv2d_forward(x.astype(f), Wt.astype(f), b.astype(f), s, p, True, method)
+    g32 = K.conv2d_backward(x.astype(f), Wt.astype(f), dy.astype(f), s, p, True, True, y32, method)
+    assert y32.dtype == f and all(g.dtype == f for g in g32)
+    np.testing.assert_allclose(y32, y64, rtol=1e-4, atol=1e-4)
+    for a, r in zip(g32, g64):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_keeps_dtype(dtype, rng):
+    layer = Conv2D(2, 3, 3, padding=1)
+    params = layer.init(rng, dtype)
+    assert params["W"].dtype == dtype and params["W"].shape == (3, 2, 3, 3)
+    x = rng.standard_normal((2, 2, 5, 5)).astype(dtype)
+    y, cache = layer.forward(params, x)
+    dx, grads = layer.backward(params, cache, np.ones_like(y))
+    assert y.dtype == dx.dtype == grads["W"].dtype == grads["b"].dtype == dtype
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_serial_parallel_identical_and_deterministic(method, rng, parallel_mode):
+    x = rng.standard_normal((6, 4, 9, 8)).astype(np.float32)
+    Wt = rng.standard_normal((5, 4, 3, 2)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    dy = rng.standard_normal((6, 5, 5, 9)).astype(np.float32)
+    out = []
+    for par in (False, True, True):
+        parallel_mode(par, families=("conv",))
+        y = K.conv2d_forward(x, Wt, b, (2, 1), 1, True, method)
+        out.append((y,) + K.conv2d_backward(x, Wt, dy, (2, 1), 1, True, True, y, method))
+    for other in out[1:]:
+        for a, r in zip(other, out[0]):
+            np.testing.assert_array_equal(a, r)
+
+
+def test_inputs_not_mutated(rng):
+    layer = Conv2D(3, 2, 3, padding=1)
+    params = layer.init(rng, np.float64)
+    x = rng.standard_normal((2, 3, 5, 5))
+    keep = [x.copy(), params["W"].copy(), params["b"].copy()]
+    y, cache = layer.forward(params, x)
+    dy = rng.standard_normal(y.shape)
+    dy0 = dy.copy()
+    layer.backward(params, cache, dy)
+    for a, r in zip([x, params["W"], params["b"], dy], keep + [dy0]):
+        np.testing.assert_array_equal(a, r)
+
+
+def test_non_contiguous_input(rng):
+    layer = Conv2D(2, 3, 2)
+    params = layer.init(rng, np.float64)
+    x = rng.standard_normal((5, 5, 2, 3)).transpose(2, 3, 0, 1)       # (2, 3, 5, 5) view
+    x = x[:, :2]
+    y, _ = layer.forward(params, x)
+    np.testing.assert_allclose(y, naive.conv2d(x, params["W"], params["b"]), rtol=1e-12)
+
+
+def test_choose_method():
+    assert K.choose_method(K.DIRECT_MAX_WORK - 1) == "direct"
+    assert K.choose_method(K.DIRECT_MAX_WORK) == "gemm"
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_train_cache_reuses_packed_input(input_grad, rng):
+    """forward(train=True) keeps the im2col matrix; backward gives the same result as without
+    it, does not modify it, and can run twice on one cache."""
+    layer = Conv2D(6, 5, 3, padding=1)
+    params = layer.init(rng, np.float64)
+    x = rng.standard_normal((4, 6, 7, 7))
+    y0, cache0 = layer.forward(params, x, train=False)
+    y1, cache1 = layer.forward(params, x, train=True)
+    assert cache0[2] is None and cache1[2] is not None
+    np.testing.assert_array_equal(y0, y1)
+    dy = rng.standard_normal(y0.shape)
+    ref = layer.backward(params, cache0, dy, input_grad=input_grad)
+    packed = cache1[2].copy()
+    for _ in range(2):
+        dx, grads = layer.backward(params, cache1, dy, input_grad=input_grad)
+        np.testing.assert_array_equal(cache1[2], packed)
+        if input_grad:
+            np.testing.assert_allclose(dx, ref[0], rtol=1e-13, atol=1e-13)
+        for k in grads:
+            np.testing.assert_allclose(grads[k], ref[1][k], rtol=1e-13, atol=1e-13)
+
+
+# ---------------------------------------------------------------- validation
+def test_output_shape_and_repr():
+    layer = Conv2D(3, 8, (5, 3), stride=(2, 1), padding=1)
+    assert layer.output_shape((4, 3, 32, 30)) == (4, 8, 15, 30)
+    assert str(layer) == "Conv2D(3, 8, (5, 3), stride=(2, 1), padding=1)"
+    assert layer == Conv2D(3, 8, (5, 3), (2, 1), (1, 1))
+
+
+@pytest.mark.parametrize("shape,match", [
+    ((4, 2, 8, 8), r"Conv2D\(1, 8, 5\): expected input \(N, 1, H, W\), got \(4, 2, 8, 8\)"),
+    ((4, 8, 8), r"Conv2D\(1, 8, 5\): expected input \(N, 1, H, W\), got \(4, 8, 8\)"),
+    ((4, 1, 3, 8), r"Conv2D\(1, 8, 5\): kernel \(5, 5\) is larger than the padded input \(3, 8\)"),
+])
+def test_bad_input_shapes(shape, match, rng):
+    layer = Conv2D(1, 8, 5)
+    params = layer.init(rng)
+    with pytest.raises(ValueError, match=match):
+        layer.forward(params, np.zeros(shape, np.float32))
+
+
+def test_padding_makes_small_input_valid(rng):
+    layer = Conv2D(1, 2, 5, padding=2)
+    y, _ = layer.forward(layer.init(rng), np.zeros((1, 1, 1, 1), np.float32))
+    assert y.shape == (1, 2, 1, 1)
+
+
+def test_bad_dtypes_and_params(rng):
+    layer = Conv2D(2, 3, 3)
+    p32 = layer.init(rng, np.float32)
+    with pytest.raises(TypeError, match=r"Conv2D\(2, 3, 3\): input dtype float64"):
+        layer.forward(p32, np.zeros((1, 2, 4, 4)))
+    with pytest.raises(TypeError, match="Conv2D"):
+        layer.forward(p32, np.zeros((1, 2, 4, 4), np.int64))
+    with pytest.raises(ValueError, match=r"expected parameter W of shape \(3, 2, 3, 3\)"):
+        layer.forward({"W": np.zeros((3, 2, 2, 2), np.float32), "b": p32["b"]},
+                      np.zeros((1, 2, 4, 4), np.float32))
+    y, cache = layer.forward(p32, np.zeros((1, 2, 4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"expected output gradient of shape \(1, 3, 2, 2\)"):
+        layer.backward(p32, cache, np.zeros((1, 3, 3, 3), np.float32))
+    with pytest.raises(TypeError, match="output gradient dtype float64"):
+        layer.backward(p32, cache, np.zeros((1, 3, 2, 2)))
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=0), dict(kernel_size=(3,)),
+                                    dict(stride=0), dict(padding=-1), dict(kernel_size=2.5),
+                                    dict(init="nope")])
+def test_bad_hyper_parameters(kwargs):
+    args = dict(in_channels=2, out_channels=3, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        Conv2D(**args)

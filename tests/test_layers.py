@@ -756,3 +756,16 @@ def test_large_input_limits(dtype):
                                   [[1, 0, 0]])
     np.testing.assert_array_equal(F.Softmax().forward({}, np.full((1, 4), big, dtype))[0],
                                   np.full((1, 4), 0.25))
+
+
+def test_dropout_propagates_nan_in_dropped_units():
+    x = np.full(1000, np.nan, np.float32)
+    y, cache = F.Dropout(0.5).forward({}, x, train=True, rng=np.random.default_rng(0))
+    assert np.isnan(y).all() and y.dtype == np.float32
+    dx, _ = F.Dropout(0.5).backward({}, cache, np.full(1000, np.nan, np.float32))
+    assert np.isnan(dx).all()
+    # finite input: dropped units are exactly 0, kept ones x/p
+    x = np.ones(1000, np.float32)
+    y, (mask, _, _) = F.Dropout(0.25).forward({}, x, train=True, rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(y[~mask], 0)
+    np.testing.assert_allclose(y[mask], np.float32(1 / 0.75))

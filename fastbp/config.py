@@ -82,10 +82,11 @@ CACHE_ENABLED = CACHE_DIR is not None
 # --- serial / parallel dispatch --------------------------------------------------------
 # Work thresholds, in the work units each kernel passes to ``work=`` (roughly scalar
 # operations), at or above which a kernel family runs its parallel compilation.
-# Measured with ``python -m fastbp.tune`` (serial vs parallel build of every kernel the
-# representative layer/loss/optimizer calls reach, medians of many interleaved repeats):
-# 2026-xx, 2 vCPUs (AVX-512), omp layer, OMP_WAIT_POLICY=PASSIVE, shared and busy machine
-# (load ~3). Families without measured kernels keep 1 << 16. Override with the env var above.
+# Measure with ``python -m fastbp.tune`` (representative public calls with one family
+# forced serial, then parallel; medians of interleaved repeats). 2026-11-22, 2 vCPUs
+# (AVX-512), omp layer, OMP_WAIT_POLICY=PASSIVE, shared machine: losses crossed over at
+# work 16k-32k, optim (fused adam) at ~65k (1 << 17 kept for headroom under load). The
+# other families keep 1 << 16 until tune runs on a quiet machine. Override: env var above.
 DEFAULT_THRESHOLDS = {
     "dense": 1 << 16,
     "activations": 1 << 16,

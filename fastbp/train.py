@@ -49,8 +49,11 @@ def _axes(where, batch_axis, x, y):
     return int(ax), int(ay)
 
 
-def _prepare(where, params, x, y, batch_axis=0):
+def _prepare(where, params, x, y, batch_axis=0, model=None):
     """x in the params' dtype (once, up front), y as labels or float targets in that dtype."""
+    if model is not None and not all(hasattr(model, m) for m in ("forward", "backward")):
+        raise TypeError(f"{where}: model must implement init/forward/backward (e.g. a "
+                        f"fastbp.Sequential), got {model!r}")
     dtype = _params_dtype(params)
     x = np.asarray(x)
     if x.dtype.kind not in "fiub":
@@ -140,9 +143,19 @@ def _batch_size(where, batch_size, allow_none=False):
     return int(batch_size)
 
 
+def _in_notebook():
+    """True inside a Jupyter kernel (not merely when ipykernel has been imported)."""
+    ipy = sys.modules.get("IPython")
+    try:
+        shell = ipy.get_ipython() if ipy is not None else None
+    except Exception:  # pragma: no cover - exotic IPython states
+        return False
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def _progress_bar(total):
     """A tqdm bar: the notebook widget inside Jupyter when ipywidgets is installed, else text."""
-    if "ipykernel" in sys.modules:
+    if _in_notebook():
         try:
             import ipywidgets  # noqa: F401
             from tqdm.notebook import tqdm
@@ -182,7 +195,7 @@ def evaluate(model, params, x, y, *, loss, batch_size=None, batch_axis=0) -> dic
     argmax(out) == label for integer labels or one-hot/probability targets, ``(logit > 0) ==
     (target >= 0.5)`` for ``binary_cross_entropy``, and ``None`` for regression targets.
     """
-    x, y, ax, ay = _prepare("evaluate", params, x, y, batch_axis)
+    x, y, ax, ay = _prepare("evaluate", params, x, y, batch_axis, model)
     n = x.shape[ax]
     bs = _batch_size("evaluate", batch_size, allow_none=True) or n
     task = _probe("evaluate", model, params, loss, x, y, ax, ay, bs)
@@ -257,7 +270,7 @@ def fit(model, params, x, y, *, loss, optimizer, epochs=10, batch_size=32, shuff
     FloatingPointError when the loss becomes NaN or infinite.
     """
     where = "fit"
-    x, y, ax, ay = _prepare(where, params, x, y, batch_axis)
+    x, y, ax, ay = _prepare(where, params, x, y, batch_axis, model)
     batch_size = _batch_size(where, batch_size)
     if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
         raise ValueError(f"{where}: epochs must be an int >= 0, got {epochs!r}")

@@ -190,20 +190,37 @@ def test_layer_keeps_dtype(dtype, rng):
     assert y.dtype == dx.dtype == grads["W"].dtype == grads["b"].dtype == dtype
 
 
+@pytest.mark.parametrize("stride", [1, (2, 1)])
 @pytest.mark.parametrize("method", METHODS)
-def test_serial_parallel_identical_and_deterministic(method, rng, parallel_mode):
+def test_serial_parallel_identical_and_deterministic(method, stride, rng, parallel_mode):
     x = rng.standard_normal((6, 4, 9, 8)).astype(np.float32)
     Wt = rng.standard_normal((5, 4, 3, 2)).astype(np.float32)
     b = rng.standard_normal(5).astype(np.float32)
-    dy = rng.standard_normal((6, 5, 5, 9)).astype(np.float32)
+    OH = 9 if stride == 1 else 5
+    dy = rng.standard_normal((6, 5, OH, 9)).astype(np.float32)
     out = []
     for par in (False, True, True):
         parallel_mode(par, families=("conv",))
-        y = K.conv2d_forward(x, Wt, b, (2, 1), 1, True, method)
-        out.append((y,) + K.conv2d_backward(x, Wt, dy, (2, 1), 1, True, True, y, method))
+        y = K.conv2d_forward(x, Wt, b, stride, 1, True, method)
+        out.append((y,) + K.conv2d_backward(x, Wt, dy, stride, 1, True, True, y, method))
     for other in out[1:]:
         for a, r in zip(other, out[0]):
             np.testing.assert_array_equal(a, r)
+
+
+def test_auto_mixes_direct_dw_and_gemm_dx(rng):
+    """auto with one input channel: flat direct forward and dW, GEMM dx — same numbers."""
+    x = rng.standard_normal((4, 1, 12, 11))
+    Wt = rng.standard_normal((6, 1, 3, 3))
+    b = rng.standard_normal(6)
+    assert K.choose_backward(1, (1, 1), 10 ** 9) == ("direct", "gemm")
+    y = K.conv2d_forward(x, Wt, b, 1, 1, True)
+    dy = rng.standard_normal(y.shape)
+    yr = naive.conv2d(x, Wt, b, 1, 1)
+    np.testing.assert_allclose(y, np.maximum(yr, 0), rtol=1e-12, atol=1e-12)
+    ref = naive.conv2d_backward_direct(x, Wt, dy * (yr > 0), 1, 1)
+    for a, r in zip(K.conv2d_backward(x, Wt, dy, 1, 1, True, True, y), ref):
+        np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-12)
 
 
 def test_inputs_not_mutated(rng):
@@ -229,31 +246,49 @@ def test_non_contiguous_input(rng):
 
 
 def test_choose_method():
-    assert K.choose_method(K.DIRECT_MAX_WORK - 1) == "direct"
-    assert K.choose_method(K.DIRECT_MAX_WORK) == "gemm"
+    big = 10 * K.DIRECT_MAX_WORK
+    assert K.choose_method(64, (2, 2), K.DIRECT_MAX_WORK - 1) == "direct"
+    assert K.choose_method(64, (1, 1), big) == "gemm"
+    assert K.choose_method(1, (1, 1), big) == "direct"
+    assert K.choose_method(1, (2, 1), big) == "gemm"
 
 
-@pytest.mark.parametrize("input_grad", [True, False])
-def test_train_cache_reuses_packed_input(input_grad, rng):
-    """forward(train=True) keeps the im2col matrix; backward gives the same result as without
-    it, does not modify it, and can run twice on one cache."""
-    layer = Conv2D(6, 5, 3, padding=1)
-    params = layer.init(rng, np.float64)
-    x = rng.standard_normal((4, 6, 7, 7))
-    y0, cache0 = layer.forward(params, x, train=False)
-    y1, cache1 = layer.forward(params, x, train=True)
-    assert cache0[2] is None and cache1[2] is not None
-    np.testing.assert_array_equal(y0, y1)
-    dy = rng.standard_normal(y0.shape)
-    ref = layer.backward(params, cache0, dy, input_grad=input_grad)
-    packed = cache1[2].copy()
-    for _ in range(2):
-        dx, grads = layer.backward(params, cache1, dy, input_grad=input_grad)
-        np.testing.assert_array_equal(cache1[2], packed)
-        if input_grad:
-            np.testing.assert_allclose(dx, ref[0], rtol=1e-13, atol=1e-13)
-        for k in grads:
-            np.testing.assert_allclose(grads[k], ref[1][k], rtol=1e-13, atol=1e-13)
+def test_scratch_reuse_across_shapes_and_dtypes(rng):
+    """The GEMM path reuses per-thread scratch buffers: calls with other shapes and dtypes in
+    between must not change any result."""
+    cases = []
+    for dtype, (N, C, F, H) in [(np.float64, (3, 4, 5, 7)), (np.float32, (2, 6, 3, 9)),
+                                (np.float64, (1, 2, 2, 5))]:
+        x = rng.standard_normal((N, C, H, H)).astype(dtype)
+        Wt = rng.standard_normal((F, C, 3, 3)).astype(dtype)
+        b = rng.standard_normal(F).astype(dtype)
+        dy = rng.standard_normal((N, F, H, H)).astype(dtype)
+        cases.append((x, Wt, b, dy))
+    first = [(K.conv2d_forward(x, Wt, b, 1, 1, False, "gemm"),)
+             + K.conv2d_backward(x, Wt, dy, 1, 1, True, True, None, "gemm")
+             for x, Wt, b, dy in cases]
+    for (x, Wt, b, dy), ref in zip(cases[::-1], first[::-1]):
+        got = (K.conv2d_forward(x, Wt, b, 1, 1, False, "gemm"),) \
+            + K.conv2d_backward(x, Wt, dy, 1, 1, True, True, None, "gemm")
+        for a, r in zip(got, ref):
+            np.testing.assert_array_equal(a, r)
+
+
+def test_concurrent_threads_same_results(rng):
+    from concurrent.futures import ThreadPoolExecutor
+    x = rng.standard_normal((8, 6, 10, 10)).astype(np.float32)
+    Wt = rng.standard_normal((7, 6, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(7).astype(np.float32)
+    dy = rng.standard_normal((8, 7, 10, 10)).astype(np.float32)
+
+    def run(_):
+        y = K.conv2d_forward(x, Wt, b, 1, 1, True, "gemm")
+        return (y,) + K.conv2d_backward(x, Wt, dy, 1, 1, True, True, y, "gemm")
+    ref = run(0)
+    with ThreadPoolExecutor(4) as ex:
+        for got in ex.map(run, range(8)):
+            for a, r in zip(got, ref):
+                np.testing.assert_array_equal(a, r)
 
 
 # ---------------------------------------------------------------- validation

@@ -15,7 +15,7 @@ def test_lenet_on_digits_reaches_98_percent():
     params = fastbp.init(model, seed=0)
     params, history = fastbp.fit(model, params, x_train, y_train,
                                  loss=fastbp.losses.softmax_cross_entropy,
-                                 optimizer=fastbp.optim.adam(3e-3), epochs=12, batch_size=32,
+                                 optimizer=fastbp.optim.adam(3e-3), epochs=12, batch_size=16,
                                  seed=0, progress=False)
     assert params[0]["W"].dtype == np.float32
     assert history["loss"][-1] < history["loss"][0]

@@ -268,6 +268,8 @@ def test_bad_epochs_optimizer_callbacks(small):
         fit(model, params, x, y, loss=CE, optimizer=0.1)
     with pytest.raises(TypeError, match="fit: callbacks must be callables"):
         fit(model, params, x, y, loss=CE, optimizer=F.optim.sgd(0.1), callbacks=[1])
+    with pytest.raises(TypeError, match="fit: model must implement"):
+        fit(params, params, x, y, loss=CE, optimizer=F.optim.sgd(0.1))
     with pytest.raises(ValueError, match="fit: no samples"):
         fit(model, params, x[:0], y[:0], loss=CE, optimizer=F.optim.sgd(0.1))
 

@@ -95,19 +95,24 @@ def fastbp_step(name, batch=None, seq_len=None):
 
 
 def run_python(code, env_update=None, unset=(), timeout=900):
-    """Run ``python -c code`` in a fresh process; returns (wall seconds, stdout).
+    """Run ``python -c code`` in a fresh process; returns (wall seconds, stdout, CPU
+    seconds). CPU time (user + system) barely depends on other load on the machine.
 
     ``env_update`` is merged into the current environment; names in ``unset`` are removed.
     """
+    import resource
     import time
     env = dict(os.environ)
     for k in unset:
         env.pop(k, None)
     env.update(env_update or {})
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=env, timeout=timeout)
     wall = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     if p.returncode != 0:
         raise RuntimeError(f"subprocess failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
-    return wall, p.stdout
+    return wall, p.stdout, cpu

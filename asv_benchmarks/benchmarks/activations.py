@@ -3,8 +3,7 @@ import fastbp as F
 
 from . import rng
 
-LAYERS = {"ReLU": F.ReLU, "LeakyReLU": F.LeakyReLU, "Sigmoid": F.Sigmoid, "Tanh": F.Tanh,
-          "GELU": F.GELU, "ELU": F.ELU, "Softmax": F.Softmax}
+LAYERS = {"ReLU": F.ReLU, "Tanh": F.Tanh, "GELU": F.GELU, "Softmax": F.Softmax}
 
 
 class Activation:

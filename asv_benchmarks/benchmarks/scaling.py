@@ -24,7 +24,7 @@ def _median(f, repeat=15):
 
 
 class BatchSize:
-    params = (["mlp_mnist", "cnn_lenet", "lstm_seq"], [16, 64, 256])
+    params = (["mlp_mnist", "lstm_seq"], [16, 64, 256])
     param_names = ["workload", "batch"]
     timeout = 300
 
@@ -48,7 +48,7 @@ class SequenceLength:
 
 
 class BatchLinearity:
-    params = [["mlp_mnist", "cnn_lenet", "rnn_seq", "lstm_seq"]]
+    params = [["mlp_mnist", "lstm_seq"]]
     param_names = ["workload"]
     timeout = 300
     unit = "t(256) / (8 t(32))"

@@ -26,11 +26,10 @@ POLICIES = {"PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
 CODE = r"""
 import time, numpy as np, numba
 import fastbp
-from fastbp._jit import jit
 from fastbp.kernels.activations import relu_forward
 from fastbp import bench
 
-@jit
+@numba.njit          # no cache=True: this source has no file
 def gemm(a, b):
     return np.dot(a, b)
 

@@ -22,28 +22,41 @@ Two algorithms compute the same numbers:
 
 - ``direct``: plain loops, parallel over (sample, output channel) for y, over
   (sample, input channel) for dx and over (output channel, input channel) for dW, so
-  every thread owns what it writes (race-free, deterministic). The dx loop is written as
-  the flipped-kernel correlation above, skipping the structural zeros of ``dyd``.
+  every thread owns what it writes (race-free, deterministic). With stride 1, y and dW
+  run on the flattened padded planes (``flat_*``: one long vectorisable loop per tap);
+  other strides use row loops. The dx loop is written as the flipped-kernel correlation
+  above, skipping the structural zeros of ``dyd``.
 - ``gemm``: im2col packing + one BLAS GEMM per chunk of samples (``np.dot``, outside
-  any ``prange``); dW = dyᵀ-matrix × colsᵀ accumulated chunk by chunk in a fixed order
-  (deterministic); dx = col2im(Wᵀ × dy-matrix), the scatter form of the same identity.
+  any ``prange``); dW = dz-matrix × colsᵀ accumulated chunk by chunk in a fixed order
+  (deterministic). For stride 1, dx is the identity above taken literally: im2col of dz
+  padded by (KH−1−ph, KW−1−pw), times the flipped kernel as a (C, F·KH·KW) matrix. For
+  other strides it is col2im(Wᵀ × dz-matrix), the scatter form of the same identity
+  (no GEMM work is spent on the zeros of the dilation).
 
-``conv2d_forward``/``conv2d_backward`` pick by work size (``DIRECT_MAX_WORK``, measured;
-see asv_benchmarks/benchmarks/conv.py): on the measured machine im2col + GEMM won from tiny
-sizes up even with one input channel, because the direct loops' rows (OW wide) are too
-short to vectorise well.
+``conv2d_forward``/``conv2d_backward`` pick ``direct`` for stride 1 with few input channels
+(``DIRECT_MAX_CHANNELS``) or tiny problems (``DIRECT_MAX_WORK``), else ``gemm`` (measured;
+see asv_benchmarks/benchmarks/conv.py).
 """
+import threading
+
 import numpy as np
 from numba import prange
 
 from .. import _blas
 from .._jit import dual, jit
 
-# Algorithm choice, measured on the 2-vCPU dev machine (asv_benchmarks/benchmarks/conv.py):
-# the GEMM path won from about 2·10⁴ scalar ops up, for every channel count tried (C = 1..32);
-# the direct loops win only on tiny problems, where buffers and BLAS calls dominate.
-DIRECT_MAX_WORK = 20_000
-CHUNK_ELEMENTS = 1 << 23         # at most this many im2col entries per chunk (32 MB float32)
+# Algorithm choice, measured single-threaded on the 2-vCPU dev machine (asv_benchmarks/
+# benchmarks/conv.py): with stride 1 the flat direct forward beat im2col + GEMM 4x at C = 1,
+# 1.5x at C = 3 and tied from C = 8 on; the flat dW won 4x at C = 1 but lost 2x at C = 3;
+# the row-wise loops (other strides, and dx) lose from about 2·10⁴ scalar ops up.
+DIRECT_MAX_CHANNELS = 3         # forward: flat direct loops up to this many input channels
+DIRECT_DW_MAX_CHANNELS = 1      # dW: flat direct loops (4x faster at C = 1, 2x slower at 3)
+DIRECT_MAX_WORK = 20_000        # below this forward work everything runs direct
+FLIPPED_DX_GEMM = True          # stride-1 GEMM dx: flipped-kernel im2col (True) or col2im
+# im2col entries per chunk of samples (8 MB float32): the packed chunk mostly stays in cache
+# between packing and its GEMM, and chunks stay few (each costs ~5 kernel launches).
+# 2^17 .. 2^23 measured within noise of each other on the busy 2-vCPU dev machine.
+CHUNK_ELEMENTS = 1 << 21
 
 
 def out_size(H, Wd, KH, KW, sh, sw, ph, pw):
@@ -95,6 +108,95 @@ def direct_forward(x, W, b, sh, sw, ph, pw, relu, y):
                 for j in range(OW):
                     if y[n, f, i, j] < zero:
                         y[n, f, i, j] = zero
+
+
+@dual("conv")
+def flat_forward(xp, W, b, relu, y):
+    """Direct cross-correlation for stride 1 on the flattened padded planes.
+
+    xp (N, C, Hp, Wp) the zero-padded input, W (F, C, KH, KW), b (F,) or (0,), y
+    (N, F, OH, OW) output with OH = Hp − KH + 1, OW = Wp − KW + 1. Each plane is a vector
+    of Hp·Wp entries; tap (p, q) of output u = i·Wp + j reads entry u + p·Wp + q, so every
+    tap is one long axpy over L = (OH − 1)·Wp + OW entries (it vectorises; columns
+    j ≥ OW are computed and dropped). y = b + Σ_c,p,q W[f,c,p,q]·xp[n,c,i+p,j+q], then
+    max(y, 0) if ``relu``. Parallel over (n, f).
+    """
+    N, C, Hp, Wp = xp.shape
+    F, _, KH, KW = W.shape
+    OH, OW = y.shape[2], y.shape[3]
+    L = (OH - 1) * Wp + OW
+    xf = xp.reshape(N, C, Hp * Wp)
+    zero = y.dtype.type(0)
+    has_bias = b.shape[0] > 0
+    for t in prange(N * F):
+        n = t // F
+        f = t - n * F
+        acc = np.empty(L, dtype=y.dtype)
+        b0 = b[f] if has_bias else zero
+        for u in range(L):
+            acc[u] = b0
+        for c in range(C):
+            xr = xf[n, c]
+            for p in range(KH):
+                for q in range(KW):
+                    w = W[f, c, p, q]
+                    xs = xr[p * Wp + q:p * Wp + q + L]
+                    for u in range(L):
+                        acc[u] += w * xs[u]
+        for i in range(OH):
+            for j in range(OW):
+                v = acc[i * Wp + j]
+                y[n, f, i, j] = zero if relu and v < zero else v
+
+
+@dual("conv")
+def flat_backward_dw(xp, dz, dW, db):
+    """Weight and bias gradients for stride 1 on the flattened padded planes.
+
+    xp (N, C, Hp, Wp) the zero-padded input, dz (N, F, OH, OW); dW (F, C, KH, KW) and db
+    (F,) or (0,) outputs. dW[f,c,p,q] = Σ_n,i,j dz[n,f,i,j]·xp[n,c,i+p,j+q],
+    db[f] = Σ_n,i,j dz[n,f,i,j]. Parallel over (f, c). Each tap accumulates a vector
+    acc[p,q,u] += dzg[u]·xp[u + p·Wp + q] over the plane (dzg: dz on the Wp-wide grid,
+    zero in columns j ≥ OW), which vectorises; the vector is summed once at the end,
+    in a fixed order (deterministic).
+    """
+    N, C, Hp, Wp = xp.shape
+    F, _, KH, KW = dW.shape
+    OH, OW = dz.shape[2], dz.shape[3]
+    L = (OH - 1) * Wp + OW
+    xf = xp.reshape(N, C, Hp * Wp)
+    zero = dW.dtype.type(0)
+    for t in prange(F * C):
+        f = t // C
+        c = t - f * C
+        acc = np.zeros((KH * KW, L), dtype=dW.dtype)
+        dzg = np.zeros(L, dtype=dW.dtype)
+        for n in range(N):
+            for i in range(OH):
+                for j in range(OW):
+                    dzg[i * Wp + j] = dz[n, f, i, j]
+            xr = xf[n, c]
+            for p in range(KH):
+                for q in range(KW):
+                    a = acc[p * KW + q]
+                    xs = xr[p * Wp + q:p * Wp + q + L]
+                    for u in range(L):
+                        a[u] += dzg[u] * xs[u]
+        for r in range(KH * KW):
+            s = zero
+            for u in range(L):
+                s += acc[r, u]
+            dW[f, c, r // KW, r - (r // KW) * KW] = s
+        if c == 0 and db.shape[0] > 0:
+            accb = np.zeros(OW, dtype=dW.dtype)
+            for n in range(N):
+                for i in range(OH):
+                    for j in range(OW):
+                        accb[j] += dz[n, f, i, j]
+            s = zero
+            for j in range(OW):
+                s += accb[j]
+            db[f] = s
 
 
 @dual("conv")
@@ -197,95 +299,135 @@ def im2col(x, n0, KH, KW, sh, sw, ph, pw, OH, OW, cols):
 
     x (N, C, H, W); cols (C·KH·KW, m·OH·OW) output, m = cols.shape[1] // (OH·OW):
     cols[(c·KH+p)·KW+q, k·OH·OW + i·OW + j] = xp[n0+k, c, i·sh+p, j·sw+q] (0 in the padding).
-    Parallel over (sample, channel).
+    Parallel over (channel, kernel row): each thread writes whole rows of cols.
     """
     N, C, H, Wd = x.shape
     P = OH * OW
     m = cols.shape[1] // P
     zero = cols.dtype.type(0)
-    for t in prange(m * C):
-        k = t // C
-        c = t - k * C
-        n = n0 + k
-        for p in range(KH):
-            for q in range(KW):
-                r = (c * KH + p) * KW + q
-                jlo = max(0, (pw - q + sw - 1) // sw)
-                jhi = max(jlo, min(OW, (Wd - 1 + pw - q) // sw + 1))
+    for t in prange(C * KH):
+        c = t // KH
+        p = t - c * KH
+        for q in range(KW):
+            row = cols[(c * KH + p) * KW + q]
+            # output columns j whose input column j·sw + q − pw lies inside the image
+            jlo = min(OW, max(0, (pw - q + sw - 1) // sw))
+            jhi = max(jlo, min(OW, (Wd - 1 + pw - q) // sw + 1))
+            for k in range(m):
+                xs = x[n0 + k, c]
                 for i in range(OH):
-                    base = k * P + i * OW
+                    dst = row[k * P + i * OW:k * P + (i + 1) * OW]
                     h = i * sh + p - ph
                     if h < 0 or h >= H:
-                        for j in range(OW):
-                            cols[r, base + j] = zero
+                        dst[:] = zero
                         continue
-                    for j in range(jlo):
-                        cols[r, base + j] = zero
+                    dst[:jlo] = zero
+                    dst[jhi:] = zero
                     if sw == 1:
-                        off = q - pw
-                        for j in range(jlo, jhi):
-                            cols[r, base + j] = x[n, c, h, j + off]
+                        lo = jlo + q - pw
+                        dst[jlo:jhi] = xs[h, lo:lo + jhi - jlo]
                     else:
+                        xr = xs[h]
                         for j in range(jlo, jhi):
-                            cols[r, base + j] = x[n, c, h, j * sw + q - pw]
-                    for j in range(jhi, OW):
-                        cols[r, base + j] = zero
+                            dst[j] = xr[j * sw + q - pw]
 
 
 @dual("conv")
-def gemm_to_nchw(t, b, n0, relu, y):
+def im2col_flat(xp, n0, KH, KW, OH, cols):
+    """Stride-1 packing on the flattened padded planes (rows are contiguous copies).
+
+    xp (N, C, Hp, Wp) zero-padded input; cols (C·KH·KW, m·OH·Wp) output with
+    cols[(c·KH+p)·KW+q, k·OH·Wp + u] = xp[n0+k, c].flat[u + p·Wp + q] for
+    u < L = (OH−1)·Wp + OW (OW = Wp − KW + 1) and 0 after. Column u = i·Wp + j is output
+    pixel (i, j) when j < OW; columns j ≥ OW are junk that the scatter drops (and that the
+    gradient gather fills with zeros). Parallel over (channel, kernel row).
+    """
+    N, C, Hp, Wp = xp.shape
+    OW = Wp - KW + 1
+    L = (OH - 1) * Wp + OW
+    PX = OH * Wp
+    m = cols.shape[1] // PX
+    xf = xp.reshape(N, C, Hp * Wp)
+    zero = cols.dtype.type(0)
+    for t in prange(C * KH):
+        c = t // KH
+        p = t - c * KH
+        for q in range(KW):
+            row = cols[(c * KH + p) * KW + q]
+            base = p * Wp + q
+            for k in range(m):
+                src = xf[n0 + k, c]
+                dst = row[k * PX:(k + 1) * PX]
+                dst[:L] = src[base:base + L]
+                dst[L:] = zero
+
+
+@dual("conv")
+def gemm_to_nchw(t, b, n0, relu, pitch, y):
     """Scatter a GEMM result into NCHW, adding the bias and applying ReLU.
 
-    t (F, m·P) with P = OH·OW, b (F,) or (0,), y (N, F, OH, OW) output:
-    y[n0+k, f].flat[s] = t[f, k·P + s] + b[f]; then max(·, 0) if ``relu``. Parallel over (k, f).
+    t (F, m·OH·pitch), b (F,) or (0,), y (N, F, OH, OW) output, pitch >= OW:
+    y[n0+k, f, i, j] = t[f, k·OH·pitch + i·pitch + j] + b[f]; then max(·, 0) if ``relu``.
+    Parallel over (k, f).
     """
     F = t.shape[0]
-    P = y.shape[2] * y.shape[3]
-    m = t.shape[1] // P
-    yf = y.reshape(y.shape[0], F, P)
+    OH, OW = y.shape[2], y.shape[3]
+    PX = OH * pitch
+    m = t.shape[1] // PX
     zero = t.dtype.type(0)
     has_bias = b.shape[0] > 0
     for u in prange(m * F):
         k = u // F
         f = u - k * F
         b0 = b[f] if has_bias else zero
-        if relu:
-            for s in range(P):
-                v = t[f, k * P + s] + b0
-                yf[n0 + k, f, s] = v if not v < zero else zero
-        else:
-            for s in range(P):
-                yf[n0 + k, f, s] = t[f, k * P + s] + b0
+        for i in range(OH):
+            src = t[f, k * PX + i * pitch:k * PX + i * pitch + OW]
+            dst = y[n0 + k, f, i]
+            if relu:
+                for j in range(OW):
+                    v = src[j] + b0
+                    dst[j] = v if not v < zero else zero
+            else:
+                for j in range(OW):
+                    dst[j] = src[j] + b0
 
 
 @dual("conv")
-def nchw_to_gemm(dy, y, n0, relu, t, db):
+def nchw_to_gemm(dy, y, n0, relu, pitch, t, db):
     """Gather dy of samples n0 .. n0+m−1 as a matrix, masking by ReLU and summing the bias grad.
 
-    dy, y (N, F, OH, OW) (y read only when ``relu``), t (F, m·P) output,
-    db (F,) accumulated (``db[f] += Σ t[f, :]``) or (0,) for no bias.
-    t[f, k·P + s] = dz[n0+k, f].flat[s], dz = dy ⊙ [y > 0] if ``relu`` else dy. Parallel over f.
+    dy, y (N, F, OH, OW) (y read only when ``relu``), t (F, m·OH·pitch) output, pitch >= OW,
+    db (F,) accumulated (``db[f] += Σ dz[·, f]``) or (0,) for no bias.
+    t[f, k·OH·pitch + i·pitch + j] = dz[n0+k, f, i, j] for j < OW and 0 for OW <= j < pitch,
+    dz = dy ⊙ [y > 0] if ``relu`` else dy. Parallel over f.
     """
     F = t.shape[0]
-    P = dy.shape[2] * dy.shape[3]
-    m = t.shape[1] // P
-    dyf = dy.reshape(dy.shape[0], F, P)
-    yf = y.reshape(y.shape[0], y.shape[1], P)
+    OH, OW = dy.shape[2], dy.shape[3]
+    PX = OH * pitch
+    m = t.shape[1] // PX
     zero = t.dtype.type(0)
     has_bias = db.shape[0] > 0
     for f in prange(F):
-        acc = np.zeros(P, dtype=t.dtype)
+        acc = np.zeros(OW, dtype=t.dtype)
         for k in range(m):
-            for s in range(P):
-                v = dyf[n0 + k, f, s]
-                if relu and not yf[n0 + k, f, s] > zero:
-                    v = zero
-                t[f, k * P + s] = v
-                acc[s] += v
+            for i in range(OH):
+                dst = t[f, k * PX + i * pitch:k * PX + (i + 1) * pitch]
+                src = dy[n0 + k, f, i]
+                if relu:
+                    ys = y[n0 + k, f, i]
+                    for j in range(OW):
+                        dst[j] = src[j] if ys[j] > zero else zero
+                else:
+                    for j in range(OW):
+                        dst[j] = src[j]
+                for j in range(OW, pitch):
+                    dst[j] = zero
+                for j in range(OW):
+                    acc[j] += dst[j]
         if has_bias:
             tot = zero
-            for s in range(P):
-                tot += acc[s]
+            for j in range(OW):
+                tot += acc[j]
             db[f] += tot
 
 
@@ -343,8 +485,34 @@ def gemm(a, b, out):
     np.dot(a, b, out)
 
 
+_ws = threading.local()
+
+
+def _workspace(slot, n, dtype):
+    """A reusable scratch array of ``n`` elements, one per (thread, slot, dtype).
+
+    Fresh large allocations cost page faults on every call (several ms for tens of MB);
+    scratch buffers never leave this module, so each thread keeps and reuses its own."""
+    bufs = getattr(_ws, "bufs", None)
+    if bufs is None:
+        bufs = _ws.bufs = {}
+    key = (slot, np.dtype(dtype).char)
+    buf = bufs.get(key)
+    if buf is None or buf.size < n:
+        buf = bufs[key] = np.empty(n, dtype=dtype)
+    return buf[:n]
+
+
+# BLAS threads for the conv GEMMs. On the 2-vCPU dev machine one OpenBLAS thread reached
+# the same float32 peak as two (54 vs 53 GFLOP/s, 2048³), and two BLAS threads interleaved
+# with the parallel packing kernels made a CIFAR conv layer 6-30x slower (fwd 23 → 148 ms,
+# bwd 47 → 400-1400 ms). So by default the GEMMs run on one BLAS thread and the threads go
+# to the packing/scatter kernels; set True to size BLAS threads by ``fastbp._blas``.
+BLAS_THREADED = False
+
+
 def _gemm(a, b, out):
-    _blas.use_for(a.shape[0] * a.shape[1] * b.shape[1])
+    _blas.use_for(a.shape[0] * a.shape[1] * b.shape[1] if BLAS_THREADED else 0)
     gemm(a, b, out)
 
 
@@ -353,10 +521,43 @@ def _pair(v):
     return (v, v) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
 
 
-def choose_method(work):
-    """``"direct"`` when the forward work 2·N·F·OH·OW·C·KH·KW is below DIRECT_MAX_WORK,
-    else ``"gemm"``."""
-    return "direct" if work < DIRECT_MAX_WORK else "gemm"
+def choose_method(C, stride, work):
+    """``"direct"`` for stride 1 with at most DIRECT_MAX_CHANNELS input channels, or when the
+    forward work 2·N·F·OH·OW·C·KH·KW is below DIRECT_MAX_WORK; else ``"gemm"``."""
+    if work < DIRECT_MAX_WORK or (C <= DIRECT_MAX_CHANNELS and tuple(stride) == (1, 1)):
+        return "direct"
+    return "gemm"
+
+
+def choose_backward(C, stride, work):
+    """(method for dW, method for dx): dW ``"direct"`` for stride 1 with at most
+    DIRECT_DW_MAX_CHANNELS input channels, dx ``"gemm"``, both ``"direct"`` when tiny."""
+    if work < DIRECT_MAX_WORK:
+        return "direct", "direct"
+    if C <= DIRECT_DW_MAX_CHANNELS and tuple(stride) == (1, 1):
+        return "direct", "gemm"
+    return "gemm", "gemm"
+
+
+def _padded(x, ph, pw):
+    """x zero-padded by (ph, pw) on both sides of H and W (x itself when no padding)."""
+    if ph == 0 and pw == 0:
+        return x
+    N, C, H, Wd = x.shape
+    xp = np.zeros((N, C, H + 2 * ph, Wd + 2 * pw), dtype=x.dtype)
+    xp[:, :, ph:ph + H, pw:pw + Wd] = x
+    return xp
+
+
+def _padded_ws(slot, x, ph, pw):
+    """Like ``_padded`` but into a reused scratch buffer (never returned to callers)."""
+    N, C, H, Wd = x.shape
+    shape = (N, C, H + 2 * ph, Wd + 2 * pw)
+    xp = _workspace(slot, N * C * shape[2] * shape[3], x.dtype).reshape(shape)
+    if ph or pw:
+        xp[...] = 0
+    xp[:, :, ph:ph + H, pw:pw + Wd] = x
+    return xp
 
 
 def _chunk(N, rows, P):
@@ -367,16 +568,13 @@ def _chunk(N, rows, P):
     return -(-N // nchunks)
 
 
-def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto", keep_cols=False):
+def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto"):
     """Conv2D forward: a cross-correlation with bias (see the module docstring).
 
     x (N, C, H, W) C-contiguous, W (F, C, KH, KW) C-contiguous, b (F,) or (0,) for no bias,
     all of one float dtype; stride, padding: int or (h, w). ``relu`` applies max(·, 0) to
     the output (fused). method: ``"auto"``, ``"direct"`` or ``"gemm"``.
     Returns y (N, F, OH, OW) = b + Σ_c,p,q W[f,c,p,q]·xp[n,c,i·sh+p,j·sw+q].
-    With ``keep_cols`` returns (y, cols): the im2col matrix (C·KH·KW, N·OH·OW) when the
-    GEMM path packed the whole batch in one chunk, else None; pass it to
-    ``conv2d_backward`` to skip packing again.
     Checks are the caller's job (the Conv2D layer validates shapes and dtypes).
     """
     sh, sw = _pair(stride)
@@ -387,35 +585,75 @@ def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto", keep
     y = np.empty((N, F, OH, OW), dtype=x.dtype)
     R, P = C * KH * KW, OH * OW
     if method == "auto":
-        method = choose_method(2 * N * F * P * R)
-    if N == 0 or F == 0 or method == "direct":
-        if N > 0 and F > 0:
+        method = choose_method(C, (sh, sw), 2 * N * F * P * R)
+    if N == 0 or F == 0 or P == 0:
+        return y
+    if method == "direct":
+        if sh == sw == 1:
+            flat_forward(_padded(x, ph, pw), W, b, relu, y, work=2 * N * F * P * R)
+        else:
             direct_forward(x, W, b, sh, sw, ph, pw, relu, y, work=2 * N * F * P * R)
-        return (y, None) if keep_cols else y
+        return y
     W2 = W.reshape(F, R)
-    m = _chunk(N, R, P)
-    cbuf = np.empty(R * m * P, dtype=x.dtype)
-    tbuf = np.empty(F * m * P, dtype=x.dtype)
+    flat = sh == sw == 1
+    if flat:                                   # packed rows are contiguous runs of xp
+        xp = _padded_ws("xpad", x, ph, pw)
+        pitch = Wd + 2 * pw
+    else:
+        pitch = OW
+    PX = OH * pitch
+    m = _chunk(N, R, PX)
+    cbuf = _workspace("cols", R * m * PX, x.dtype)
+    tbuf = _workspace("out", F * m * PX, x.dtype)
     for n0 in range(0, N, m):
         k = min(m, N - n0)
-        cols = cbuf[:R * k * P].reshape(R, k * P)
-        t = tbuf[:F * k * P].reshape(F, k * P)
-        im2col(x, n0, KH, KW, sh, sw, ph, pw, OH, OW, cols, work=R * k * P)
+        cols = cbuf[:R * k * PX].reshape(R, k * PX)
+        t = tbuf[:F * k * PX].reshape(F, k * PX)
+        if flat:
+            im2col_flat(xp, n0, KH, KW, OH, cols, work=R * k * PX)
+        else:
+            im2col(x, n0, KH, KW, sh, sw, ph, pw, OH, OW, cols, work=R * k * P)
         _gemm(W2, cols, t)
-        gemm_to_nchw(t, b, n0, relu, y, work=F * k * P)
-    if keep_cols:
-        return y, (cbuf.reshape(R, N * P) if m == N else None)
+        gemm_to_nchw(t, b, n0, relu, pitch, y, work=F * k * P)
     return y
 
 
+def _flipped_dx_gemm(dy, y, W, ph, pw, dx):
+    """dx for stride 1 as the literal identity: im2col of dz padded by (KH−1−ph, KW−1−pw),
+    times the flipped kernel Wf (C, F·KH·KW), Wf[c,f,p,q] = W[f,c,KH−1−p,KW−1−q]."""
+    N, F, OH, OW = dy.shape
+    _, C, KH, KW = W.shape
+    H, Wd = dx.shape[2], dx.shape[3]
+    dtype = dy.dtype
+    if y is not None:
+        dz = _workspace("dz", dy.size, dtype).reshape(dy.shape)
+        relu_mask(dy.reshape(-1), y.reshape(-1), dz.reshape(-1), work=dy.size)
+    else:
+        dz = dy
+    Wf = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, F * KH * KW)
+    dzp = _padded_ws("dzpad", dz, KH - 1 - ph, KW - 1 - pw)     # (N, F, H+KH−1, W+KW−1)
+    pitch = dzp.shape[3]
+    R, PX = F * KH * KW, H * pitch
+    m = _chunk(N, R, PX)
+    cbuf = _workspace("cols", R * m * PX, dtype)
+    tbuf = _workspace("dxT", C * m * PX, dtype)
+    none = np.zeros(0, dtype=dtype)
+    for n0 in range(0, N, m):
+        k = min(m, N - n0)
+        c = cbuf[:R * k * PX].reshape(R, k * PX)
+        t = tbuf[:C * k * PX].reshape(C, k * PX)
+        im2col_flat(dzp, n0, KH, KW, H, c, work=R * k * PX)
+        _gemm(Wf, c, t)
+        gemm_to_nchw(t, none, n0, False, pitch, dx, work=C * k * H * Wd)
+
+
 def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=True, y=None,
-                    method="auto", cols=None):
+                    method="auto"):
     """Conv2D backward: returns (dx, dW, db).
 
     x (N, C, H, W), W (F, C, KH, KW), dy (N, F, OH, OW), all C-contiguous, one float dtype.
     ``y``: the forward output when the forward fused a ReLU (the gradient is then first
-    masked, dz = dy ⊙ [y > 0]); None otherwise (dz = dy). ``cols``: the im2col matrix
-    returned by ``conv2d_forward(..., keep_cols=True)`` for this x, or None.
+    masked, dz = dy ⊙ [y > 0]); None otherwise (dz = dy).
 
     - dx (N, C, H, W): the cross-correlation of dz, dilated by the stride and zero-padded by
       (KH − 1 − ph, KW − 1 − pw), with the flipped kernel Wf[c,f,p,q] = W[f,c,KH−1−p,KW−1−q];
@@ -433,8 +671,11 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
     dtype = x.dtype
     relu = y is not None
     R, P = C * KH * KW, OH * OW
+    work = 2 * N * F * P * R
     if method == "auto":
-        method = choose_method(2 * N * F * P * R)
+        wm, xm = choose_backward(C, (sh, sw), work)
+    else:
+        wm = xm = method
     dW = np.zeros((F, C, KH, KW), dtype=dtype)
     db = np.zeros(F if has_bias else 0, dtype=dtype)
     dx = np.empty((N, C, H, Wd), dtype=dtype) if input_grad else None
@@ -442,40 +683,61 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
         if dx is not None:
             dx[...] = 0
         return dx, dW, db
-    if method == "direct":
+    if wm == "direct" or (input_grad and xm == "direct"):
         if relu:
             dz = np.empty_like(dy)
             relu_mask(dy.reshape(-1), y.reshape(-1), dz.reshape(-1), work=dy.size)
         else:
             dz = dy
-        direct_backward_dw(x, dz, sh, sw, ph, pw, dW, db, work=2 * N * F * P * R)
-        if input_grad:
-            direct_backward_dx(dz, W, sh, sw, ph, pw, dx, work=2 * N * F * P * R)
+        if wm == "direct":
+            if sh == sw == 1:
+                flat_backward_dw(_padded(x, ph, pw), dz, dW, db, work=work)
+            else:
+                direct_backward_dw(x, dz, sh, sw, ph, pw, dW, db, work=work)
+        if input_grad and xm == "direct":
+            direct_backward_dx(dz, W, sh, sw, ph, pw, dx, work=work)
+    if wm == "direct" and not (input_grad and xm == "gemm"):
         return dx, dW, db
+    # im2col + GEMM for dW (wm == "gemm") and/or dx (xm == "gemm"), chunk by chunk
+    gemm_dw = wm == "gemm"
+    gemm_dx = input_grad and xm == "gemm"
     W2 = W.reshape(F, R)
     dW2 = dW.reshape(F, R)
-    packed = cols is not None and cols.shape == (R, N * P) and cols.dtype == dtype
-    m = N if packed else _chunk(N, R, P)
-    cbuf = np.empty(R * m * P, dtype=dtype) if (not packed or input_grad) else None
-    tbuf = np.empty(F * m * P, dtype=dtype)
-    part = np.empty((F, R), dtype=dtype)
-    yy = y if relu else dy
-    for n0 in range(0, N, m):
-        k = min(m, N - n0)
-        t = tbuf[:F * k * P].reshape(F, k * P)
-        nchw_to_gemm(dy, yy, n0, relu, t, db, work=F * k * P)
-        if packed:
-            c = cols                                   # from the forward: read only
+    flat = sh == sw == 1
+    flipped = gemm_dx and FLIPPED_DX_GEMM and flat and ph <= KH - 1 and pw <= KW - 1
+    # the flat packing (pitch Wp) also serves col2im only when col2im is not needed
+    flat_dw = flat and gemm_dw and not (gemm_dx and not flipped)
+    if gemm_dw or (gemm_dx and not flipped):
+        if flat_dw:
+            xp = _padded_ws("xpad", x, ph, pw)
+            pitch = Wd + 2 * pw
         else:
-            c = cbuf[:R * k * P].reshape(R, k * P)
-            im2col(x, n0, KH, KW, sh, sw, ph, pw, OH, OW, c, work=R * k * P)
-        if n0 == 0:
-            _gemm(t, c.T, dW2)
-        else:
-            _gemm(t, c.T, part)
-            dW2 += part
-        if input_grad:
-            dcols = cbuf[:R * k * P].reshape(R, k * P)     # Wᵀ·dz, (R, k·P)
-            _gemm(W2.T, t, dcols)
-            col2im(dcols, n0, KH, KW, sh, sw, ph, pw, OH, OW, dx, work=R * k * P)
+            pitch = OW
+        PX = OH * pitch
+        m = _chunk(N, R, PX)
+        cbuf = _workspace("cols", R * m * PX, dtype)
+        tbuf = _workspace("out", F * m * PX, dtype)
+        part = _workspace("part", F * R, dtype).reshape(F, R)
+        yy = y if relu else dy
+        db_g = db if gemm_dw else np.zeros(0, dtype=dtype)
+        for n0 in range(0, N, m):
+            k = min(m, N - n0)
+            t = tbuf[:F * k * PX].reshape(F, k * PX)
+            c = cbuf[:R * k * PX].reshape(R, k * PX)
+            nchw_to_gemm(dy, yy, n0, relu, pitch, t, db_g, work=F * k * PX)
+            if gemm_dw:
+                if flat_dw:
+                    im2col_flat(xp, n0, KH, KW, OH, c, work=R * k * PX)
+                else:
+                    im2col(x, n0, KH, KW, sh, sw, ph, pw, OH, OW, c, work=R * k * P)
+                if n0 == 0:
+                    _gemm(t, c.T, dW2)
+                else:
+                    _gemm(t, c.T, part)
+                    dW2 += part
+            if gemm_dx and not flipped:
+                _gemm(W2.T, t, c)                  # dcols = Wᵀ·dz, (R, k·P)
+                col2im(c, n0, KH, KW, sh, sw, ph, pw, OH, OW, dx, work=R * k * P)
+    if flipped:
+        _flipped_dx_gemm(dy, y, W, ph, pw, dx)
     return dx, dW, db

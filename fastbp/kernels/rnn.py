@@ -16,8 +16,8 @@ then, with every ``da_t`` kept, one GEMM each: ``dWx = Σ_t x_tᵀ da_t``,
 
 The sequence kernels do the input projection ``x Wx`` of all steps as one GEMM before
 the recurrence, and run the time loop in compiled code (no Python per step). The product
-``h_{t-1} Wh`` of one step is a BLAS GEMM, or a plain loop when it is tiny (a BLAS call
-costs more than a 32x32 product; see ``SMALL_MATMUL``).
+``h_{t-1} Wh`` of one step is a BLAS GEMM, or a plain loop for 2..8 rows, where a BLAS call
+costs more than the arithmetic (see ``SMALL_MATMUL``).
 
 Cache / memory: forward returns ``hs (T, N, H)``, the only thing backward needs besides the
 inputs ``x``, ``h0`` and the weights: O(T·N·H). Backward allocates ``da (T, N, H)`` more.
@@ -31,18 +31,44 @@ from numba import prange
 from .._jit import dual, jit
 from ._math import _wide, ftanh
 
-# Per-step products with at most this many multiply-adds (N·K·M) are written as loops; bigger
-# ones call BLAS. Measured on the 2-vCPU AVX-512 machine: a loop wins below ~32k (N=1, and the
-# LSTM of H=32 with N<=8), BLAS wins above (see asv_benchmarks/benchmarks/lstm.py).
-SMALL_MATMUL = 1 << 15
+# The per-step product h_{t-1} Wh is a plain loop for 2..8 rows with at most SMALL_MATMUL
+# multiply-adds, else BLAS. Measured on the 2-vCPU AVX-512 machine (float32, K = H, M = 4H):
+# loop/BLAS time 0.45 at N=4 H=32, 0.70 at N=8 H=32, 0.62 at N=8 H=128, but 1.48 at N=1
+# (BLAS's GEMV is better) and 1.2-1.8 at N >= 16 with H = 32.
+SMALL_MATMUL = 1 << 19
+# OpenBLAS runs a GEMM of m·n·k <= 65536·4 on one thread (interface/gemm.c).
+BLAS_SERIAL_MNK = 1 << 18
 
 
 @jit(inline="always")
-def _matmul_into(a, B, out):
-    """out = a B.   a (N, K), B (K, M), out (N, M); all C-contiguous, one dtype."""
+def _col_blocks(B, N):
+    """B (K, M) split into nb contiguous column blocks (nb, K, M/nb), nb the smallest divisor
+    of M with N·K·M/nb <= BLAS_SERIAL_MNK (nb = 1 when N <= 8, when no split is needed, or
+    when blocks would be narrower than 16 columns: then the GEMM is big enough for threads)."""
+    K, M = B.shape
+    nb = 1
+    if N > 8 and N * K * 16 <= BLAS_SERIAL_MNK:
+        while nb < M and (N * K * (M // nb) > BLAS_SERIAL_MNK or M % nb != 0):
+            nb += 1
+    cb = M // nb
+    Bb = np.empty((nb, K, cb), dtype=B.dtype)
+    for k in range(nb):
+        Bb[k] = B[:, k * cb:(k + 1) * cb]
+    return Bb
+
+
+@jit(inline="always")
+def _matmul_into(a, B, Bb, tmp, out):
+    """out = a B.   a (N, K), B (K, M), out (N, M); Bb = _col_blocks(B, N) (nb, K, M/nb),
+    tmp (nb, N, M/nb) scratch; all C-contiguous, one dtype.
+
+    2..8 rows: a plain loop. Otherwise BLAS, one call per column block: OpenBLAS runs a GEMM
+    of m·n·k <= 65536·4 on one thread, and its threaded GEMM costs a thread hand-off per
+    call; once per time step that measured 2-5x slower on the shared 2-vCPU machine.
+    """
     N, K = a.shape
     M = B.shape[1]
-    if N * K * M <= SMALL_MATMUL:
+    if 1 < N <= 8 and N * K * M <= SMALL_MATMUL:
         zero = out.dtype.type(0)
         for n in range(N):
             for j in range(M):
@@ -51,8 +77,16 @@ def _matmul_into(a, B, out):
                 ank = a[n, k]
                 for j in range(M):
                     out[n, j] += ank * B[k, j]
-    else:
+    elif Bb.shape[0] == 1:
         np.dot(a, B, out)
+    else:
+        nb, _, cb = Bb.shape
+        for k in range(nb):
+            tk = tmp[k]
+            np.dot(a, Bb[k], tk)
+            for n in range(N):
+                for j in range(cb):
+                    out[n, k * cb + j] = tk[n, j]
 
 
 @jit(inline="always")
@@ -112,10 +146,10 @@ def _rnn_grad_row(h, g, relu, da):
 
 @jit
 def _rnn_cell_forward(x, h, Wx, Wh, b, relu):
+    _wide()
     N, H = h.shape
     xw = np.dot(x, Wx)
-    hw = np.empty((N, H), dtype=h.dtype)
-    _matmul_into(h, Wh, hw)
+    hw = np.dot(h, Wh)
     out = np.empty((N, H), dtype=h.dtype)
     for n in range(N):
         _rnn_act_row(xw[n], hw[n], b, relu, out[n])
@@ -162,14 +196,17 @@ def rnn_cell_backward(x, h, h_new, Wx, Wh, dh_new, relu=False):
 # --- a whole sequence ------------------------------------------------------------------
 @dual("rnn")
 def _rnn_forward(x, h0, Wx, Wh, b, relu):
+    _wide()
     T, N, D = x.shape
     H = h0.shape[1]
     xw = np.dot(x.reshape(T * N, D), Wx).reshape(T, N, H)   # all input projections at once
     hs = np.empty((T, N, H), dtype=x.dtype)
     hw = np.empty((N, H), dtype=x.dtype)
+    Whb = _col_blocks(Wh, N)
+    tmp = np.empty((Whb.shape[0], N, Whb.shape[2]), dtype=x.dtype)
     for t in range(T):
         hprev = h0 if t == 0 else hs[t - 1]
-        _matmul_into(hprev, Wh, hw)
+        _matmul_into(hprev, Wh, Whb, tmp, hw)
         ht = hs[t]
         xwt = xw[t]
         for n in prange(N):
@@ -182,6 +219,8 @@ def _rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, relu, input_grad):
     T, N, D = x.shape
     H = h0.shape[1]
     WhT = np.ascontiguousarray(Wh.T)
+    WhTb = _col_blocks(WhT, N)
+    tmp = np.empty((WhTb.shape[0], N, WhTb.shape[2]), dtype=x.dtype)
     da = np.empty((T, N, H), dtype=x.dtype)
     g = dhT.copy()                       # gradient arriving at h_t
     per_step = dhs.shape[0] == T
@@ -195,7 +234,7 @@ def _rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, relu, input_grad):
                     g[n, j] += dht[n, j]
         for n in prange(N):
             _rnn_grad_row(ht[n], g[n], relu, dat[n])
-        _matmul_into(dat, WhT, g)        # g_{t-1} = da_t Whᵀ
+        _matmul_into(dat, WhT, WhTb, tmp, g)     # g_{t-1} = da_t Whᵀ
     dx, dWx, dWh, db = _weight_grads(x, h0, hs, da, input_grad, Wx)
     return dx, g, dWx, dWh, db
 
@@ -205,9 +244,11 @@ def _c(*arrays):
 
 
 def _work(N, H):
-    # per time step: a parallel region is launched per step, so compare one step's
-    # element-wise work (in rough scalar-op units) with the family threshold
-    return N * H * 8
+    # A parallel region is launched per time step, so one step's work is what must outweigh
+    # the launch cost: its N·H elements are compared with the family threshold (default
+    # 65536, e.g. N = H = 256). Below that the serial build measured faster (par/ser 1.3-2.7
+    # for N = 32..128, H = 128 on the loaded 2-vCPU machine).
+    return N * H
 
 
 def rnn_forward(x, h0, Wx, Wh, b, relu=False):

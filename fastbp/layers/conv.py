@@ -132,19 +132,16 @@ class Conv2D(Layer):
         x = _check_nchw(str(self), x, self.in_channels)
         check_dtype(str(self), x, W.dtype)
         self.output_shape(x.shape)
-        # at train time keep the packed input for backward (saves packing it again)
-        y, cols = K.conv2d_forward(x, W, b, self.stride, self.padding, relu, keep_cols=True)
-        if not train:
-            cols = None
-        return y, (x, y if relu else None, cols)
+        y = K.conv2d_forward(x, W, b, self.stride, self.padding, relu)
+        return y, (x, y if relu else None)
 
     def backward(self, params, cache, dy, *, input_grad=True):
         """(dx, {"W": dW, "b": db}) for the output gradient dy (N, F, OH, OW)."""
         W, b = self._params(params)
-        x, y, cols = cache
+        x, y = cache
         dy = self._check_dy(dy, self.output_shape(x.shape), W.dtype)
         dx, dW, db = K.conv2d_backward(x, W, np.ascontiguousarray(dy), self.stride,
-                                       self.padding, self.bias, input_grad, y, cols=cols)
+                                       self.padding, self.bias, input_grad, y)
         grads = {"W": dW, "b": db} if self.bias else {"W": dW}
         return dx, grads
 

@@ -9,30 +9,9 @@ import numpy as np
 
 
 def cmd_demo(args):
-    import fastbp as F
-    x, y = F.datasets.load_digits()
-    xtr, xte, ytr, yte = F.datasets.train_test_split(x, y, test_fraction=0.2, seed=0)
-    xtr, xva, ytr, yva = F.datasets.train_test_split(xtr, ytr, test_fraction=0.1, seed=1)
-    if args.model != "mlp":
-        print(f"fastbp demo: model {args.model!r} is not available yet; use --model mlp",
-              file=sys.stderr)
-        return 2
-    model = F.Sequential(F.Dense(64, 128), F.ReLU(), F.Dropout(0.1), F.Dense(128, 10))
-    print(f"fastbp demo: MLP on the handwritten digits ({len(xtr)} train, {len(xva)} validation, "
-          f"{len(xte)} test)\n{model}", flush=True)
-    params = F.init(model, seed=args.seed)
-    loss = F.losses.softmax_cross_entropy
-
-    def report(epoch, logs, params, grads):
-        print(f"epoch {epoch + 1:>2}: loss {logs['loss']:.4f}  "
-              f"val_accuracy {logs['val_accuracy']:.3f}", flush=True)
-    params, _ = F.fit(model, params, xtr, ytr, loss=loss, optimizer=F.optim.adam(2e-3),
-                      epochs=args.epochs, batch_size=32, seed=args.seed,
-                      validation_data=(xva, yva), progress=not args.no_progress,
-                      callbacks=[report])
-    acc = F.evaluate(model, params, xte, yte, loss=loss)["accuracy"]
-    print(f"test accuracy: {acc:.3f}")
-    return 0
+    from fastbp import demo
+    return demo.run(args.model, epochs=args.epochs, seed=args.seed,
+                    progress=not args.no_progress)
 
 
 def cmd_info(args):
@@ -94,8 +73,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="fastbp", description="fastbp command line")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="train a small network on the embedded digits data")
-    d.add_argument("--model", default="mlp", choices=["mlp", "cnn", "lstm"])
-    d.add_argument("--epochs", type=int, default=30)
+    d.add_argument("--model", default="cnn", choices=["cnn", "mlp", "lstm"],
+                   help="cnn: LeNet-style CNN on the digits (default); mlp: a perceptron on "
+                        "the digits; lstm: a character-level language model")
+    d.add_argument("--epochs", type=int, default=None,
+                   help="default: 20 (cnn), 30 (mlp), 6 (lstm)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub.add_parser("bench", help="fastbp vs PyTorch/JAX on the standard workloads",

@@ -14,6 +14,9 @@ from .network import (Sequential, init, forward, backward, predict, count_params
                       grad_norms)
 from . import losses, optim  # noqa: F401
 from .gradcheck import gradcheck, GradcheckReport  # noqa: F401
-from .train import fit, evaluate  # noqa: F401
+from .train import fit, evaluate, EarlyStopping, StopTraining  # noqa: F401
+from .io import save, load  # noqa: F401
+from .warmup import warmup  # noqa: F401
+from . import textdata  # noqa: F401
 
 __version__ = "0.1.0"

@@ -204,11 +204,16 @@ def backward(model, params, cache, dy, input_grad=True):
     return (dx if input_grad else None), grads
 
 
-def predict(model, params, x, batch_size=None):
-    """Inference (``train=False``) forward pass, in batches of ``batch_size`` along axis 0.
+def predict(model, params, x, batch_size=None, batch_axis=0):
+    """Inference (``train=False``) forward pass, in batches of ``batch_size`` samples.
 
-    x is converted once to the params' dtype (as in ``fit``/``evaluate``). Returns the
-    concatenated outputs. ``batch_size=None`` runs everything at once.
+    x (..., N along ``batch_axis``, ...): converted once to the params' dtype (as in
+    ``fit``/``evaluate``). ``batch_axis`` is the sample axis: 0 for ``(N, ...)`` data, 1 for
+    time-major sequences ``(T, N, D)`` (splitting along time would restart the recurrence).
+    Returns ``model``'s output for all samples, the batches concatenated along the output's
+    sample axis: ``batch_axis`` when the output has as many dimensions as x (e.g. ``(T, N,
+    K)`` per-step outputs), else 0 (e.g. ``(N, K)`` from ``return_sequences=False``).
+    ``batch_size=None`` runs everything at once.
     """
     _check_model("predict", model)
     x = np.asarray(x)
@@ -216,13 +221,19 @@ def predict(model, params, x, batch_size=None):
     if leaves and x.dtype.kind in "biuf":
         x = x.astype(leaves[0].dtype, copy=False)     # once, up front, like fit/evaluate
     x = as_float_array("predict", x)
-    if batch_size is None or len(x) <= batch_size:
-        return model.forward(params, x, train=False, rng=None)[0]
-    if int(batch_size) < 1:
+    if isinstance(batch_axis, bool) or batch_axis not in (0, 1) or batch_axis >= max(x.ndim, 1):
+        raise ValueError(f"predict: batch_axis must be 0 or 1 (and < x.ndim = {x.ndim}), "
+                         f"got {batch_axis!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
         raise ValueError(f"predict: batch_size must be >= 1, got {batch_size}")
-    outs = [model.forward(params, x[i:i + batch_size], train=False, rng=None)[0]
-            for i in range(0, len(x), int(batch_size))]
-    return np.concatenate(outs, axis=0)
+    n = x.shape[batch_axis]
+    if batch_size is None or n <= batch_size:
+        return model.forward(params, x, train=False, rng=None)[0]
+    bs = int(batch_size)
+    outs = [model.forward(params, np.take(x, np.arange(i, min(i + bs, n)), axis=batch_axis),
+                          train=False, rng=None)[0] for i in range(0, n, bs)]
+    axis = batch_axis if outs[0].ndim == x.ndim else 0
+    return np.concatenate(outs, axis=axis)
 
 
 def count_params(params) -> int:

@@ -95,3 +95,9 @@ def test_errors(tmp_path):
     np.savez(tmp_path / "other.npz", a=np.zeros(2))
     with pytest.raises(ValueError, match="not written by fastbp.save"):
         load(tmp_path / "other.npz")
+
+
+def test_top_level_save_load(tmp_path):
+    params = F.init(F.Sequential(F.Dense(3, 2), F.LSTM(2, 4)), seed=0, dtype=np.float64)
+    F.save(tmp_path / "p.npz", params)
+    assert_same_tree(F.load(tmp_path / "p.npz"), params)

@@ -308,6 +308,20 @@ def test_predict_converts_data_to_params_dtype(rng):
     assert x64.dtype == np.float64
 
 
+@pytest.mark.parametrize("return_sequences", [True, False])
+def test_predict_time_major_batches(return_sequences, rng):
+    """batch_axis=1 splits (T, N, D) sequences by sample, not by time step."""
+    model = F.Sequential(F.LSTM(3, 5, return_sequences=return_sequences), F.Dense(5, 2))
+    params = F.init(model, seed=0, dtype=np.float64)
+    x = rng.standard_normal((7, 10, 3))
+    ref = F.forward(model, params, x)[0]
+    got = F.predict(model, params, x, batch_size=3, batch_axis=1)
+    assert got.shape == ref.shape == ((7, 10, 2) if return_sequences else (10, 2))
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="predict: batch_axis must be 0 or 1"):
+        F.predict(model, params, x, batch_size=3, batch_axis=2)
+
+
 def test_predict_errors(rng):
     model = mlp(4, 3)
     params = F.init(model)

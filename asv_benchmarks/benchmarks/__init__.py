@@ -1,6 +1,8 @@
 """asv benchmarks for fastbp: one module per kernel family, plus end-to-end training steps,
 compile latency, thread hygiene, scaling, and fastbp/PyTorch ratios.
 
+``FASTBP_ASV_SMOKE=1`` trims every benchmark to its first parameter values (see ``smoke``).
+
 Conventions: every ``setup`` runs the code it times once first, so JIT compilation (or the
 load from Numba's on-disk cache) stays out of the timings. A benchmark that cannot run
 here (a layer family not implemented yet, PyTorch not installed) raises
@@ -11,6 +13,20 @@ import subprocess
 import sys
 
 import numpy as np
+
+
+SMOKE = bool(os.environ.get("FASTBP_ASV_SMOKE"))
+
+
+def smoke(params):
+    """asv ``params`` as given, or only the first value of each parameter when the
+    environment variable FASTBP_ASV_SMOKE is set: CI's smoke run (``asv run --quick``)
+    then executes every benchmark once, on its smallest case, in a few minutes."""
+    if not SMOKE:
+        return params
+    if isinstance(params, tuple):
+        return tuple(list(v)[:1] for v in params)
+    return [list(v)[:1] for v in params]
 
 
 def rng():

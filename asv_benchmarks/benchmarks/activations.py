@@ -1,13 +1,13 @@
 """Element-wise activation layers and Softmax: forward and backward."""
 import fastbp as F
 
-from . import rng
+from . import rng, smoke
 
 LAYERS = {"ReLU": F.ReLU, "Tanh": F.Tanh, "GELU": F.GELU, "Softmax": F.Softmax}
 
 
 class Activation:
-    params = (list(LAYERS), [10_000, 1_000_000], ["float32", "float64"])
+    params = smoke((list(LAYERS), [10_000, 1_000_000], ["float32", "float64"]))
     param_names = ["layer", "n", "dtype"]
 
     def setup(self, name, n, dtype):
@@ -29,7 +29,7 @@ class Activation:
 
 
 class DropoutLayer:
-    params = ([10_000, 1_000_000], ["float32", "float64"])
+    params = smoke(([10_000, 1_000_000], ["float32", "float64"]))
     param_names = ["n", "dtype"]
 
     def setup(self, n, dtype):

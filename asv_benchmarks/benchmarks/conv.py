@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from fastbp.kernels import conv as K
+from . import smoke
 
 # name: (N, C, F, H, W, K, stride, padding)
 SHAPES = {
@@ -48,7 +49,7 @@ def _median_time(f, repeat=7):
 
 
 class Conv2D:
-    params = (list(SHAPES), ["float32", "float64"], ["auto", "direct", "gemm"])
+    params = smoke((list(SHAPES), ["float32", "float64"], ["auto", "direct", "gemm"]))
     param_names = ["shape", "dtype", "method"]
     timeout = 300
 
@@ -91,7 +92,7 @@ class Conv2D:
 
 class ConvDispatch:
     """Serial vs parallel build of the conv kernels by work size (for the threshold)."""
-    params = ([1_000, 10_000, 30_000, 100_000, 300_000, 1_000_000], ["float32"])
+    params = smoke(([1_000, 10_000, 30_000, 100_000, 300_000, 1_000_000], ["float32"]))
     param_names = ["work", "dtype"]
 
     def setup(self, work, dtype):

@@ -3,11 +3,11 @@ import numpy as np
 
 import fastbp as F
 
-from . import rng
+from . import rng, smoke
 
 
 class DenseLayer:
-    params = (["32x64x128", "256x1024x2048"], ["float32", "float64"], [False, True])
+    params = smoke((["32x64x128", "256x1024x2048"], ["float32", "float64"], [False, True]))
     param_names = ["batch x in x out", "dtype", "relu"]
 
     def setup(self, size, dtype, relu):
@@ -37,7 +37,7 @@ class DenseLayer:
 
 class NumpyDenseReference:
     """The same forward/backward in plain NumPy (x @ W + b; dx = dy Wᵀ, dW = xᵀ dy, db = Σ dy)."""
-    params = (["32x64x128", "256x1024x2048"], ["float32", "float64"])
+    params = smoke((["32x64x128", "256x1024x2048"], ["float32", "float64"]))
     param_names = ["batch x in x out", "dtype"]
 
     def setup(self, size, dtype):

@@ -15,6 +15,7 @@ import numpy as np
 
 import fastbp
 from fastbp import _tree
+from . import smoke
 
 MODELS = {
     # name: (layer sizes, classes)
@@ -33,7 +34,7 @@ def _model(sizes):
 
 
 class DistributedStep:
-    params = (["mlp_small", "mlp_mnist"], [1, 2], [128, 1024])
+    params = smoke((["mlp_small", "mlp_mnist"], [1, 2], [128, 1024]))
     param_names = ["model", "workers", "batch"]
     timeout = 180
     number = 1

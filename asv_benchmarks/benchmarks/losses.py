@@ -5,7 +5,7 @@ import numpy as np
 
 import fastbp as F
 
-from . import rng
+from . import rng, smoke
 
 
 def _numpy_softmax_ce(z, y):
@@ -39,8 +39,8 @@ def _numpy_hinge(s, y):
 
 
 class Loss:
-    params = (["softmax_cross_entropy", "mse", "binary_cross_entropy", "hinge"],
-              [128, 16_384], ["float32", "float64"])
+    params = smoke((["softmax_cross_entropy", "mse", "binary_cross_entropy", "hinge"],
+              [128, 16_384], ["float32", "float64"]))
     param_names = ["loss", "rows (x 10 classes)", "dtype"]
 
     def setup(self, name, rows, dtype):

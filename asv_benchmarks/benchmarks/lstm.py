@@ -7,12 +7,13 @@ The ``*_serial`` / ``*_parallel`` methods call one build directly, to check the 
 import numpy as np
 
 from fastbp.kernels import lstm as K
+from . import smoke
 
 SIZES = {"tiny": (100, 1, 8, 32), "small": (50, 8, 32, 32), "seq": (50, 32, 32, 128)}
 
 
 class LSTMSequence:
-    params = (list(SIZES), ["float32", "float64"])
+    params = smoke((list(SIZES), ["float32", "float64"]))
     param_names = ["size", "dtype"]
 
     def setup(self, size, dtype):
@@ -54,7 +55,7 @@ class LSTMSequence:
 
 
 class LSTMCell:
-    params = (["float32", "float64"],)
+    params = smoke((["float32", "float64"],))
     param_names = ["dtype"]
 
     def setup(self, dtype):

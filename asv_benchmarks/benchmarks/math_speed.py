@@ -12,10 +12,11 @@ except ImportError:  # pragma: no cover
     _expit = None
 
 from fastbp.kernels import _math as fm
+from . import smoke
 
 
 class ElementwiseMath:
-    params = (["float32", "float64"], [1_000, 100_000, 1_000_000])
+    params = smoke((["float32", "float64"], [1_000, 100_000, 1_000_000]))
     param_names = ["dtype", "n"]
 
     def setup(self, dtype, n):

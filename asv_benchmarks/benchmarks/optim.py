@@ -1,14 +1,14 @@
 """Optimizer updates (fused kernels over every parameter array)."""
 import fastbp as F
 
-from . import rng
+from . import rng, smoke
 
 OPTIMIZERS = {"sgd": lambda: F.optim.sgd(1e-2), "sgd_momentum": lambda: F.optim.sgd(1e-2, 0.9),
               "adam": lambda: F.optim.adam(1e-3), "rmsprop": lambda: F.optim.rmsprop(1e-3)}
 
 
 class Update:
-    params = (list(OPTIMIZERS), [10_000, 3_000_000], ["float32", "float64"])
+    params = smoke((list(OPTIMIZERS), [10_000, 3_000_000], ["float32", "float64"]))
     param_names = ["optimizer", "parameters", "dtype"]
 
     def setup(self, name, n, dtype):

@@ -6,6 +6,7 @@ family threshold in ``fastbp/config.py``).
 import numpy as np
 
 from fastbp.kernels import pool as PK
+from . import smoke
 
 # name: (N, C, H, W, size, stride)
 SHAPES = {
@@ -17,7 +18,7 @@ SHAPES = {
 
 
 class Pool2D:
-    params = (list(SHAPES), ["float32", "float64"], ["max", "avg"])
+    params = smoke((list(SHAPES), ["float32", "float64"], ["max", "avg"]))
     param_names = ["shape", "dtype", "kind"]
 
     def setup(self, shape, dtype, kind):
@@ -51,7 +52,7 @@ class Pool2D:
 
 class PoolDispatch:
     """Serial vs parallel build of max pooling (2x2) by work size, work = N·C·OH·OW·4."""
-    params = ([1_000, 10_000, 30_000, 100_000, 300_000, 1_000_000], ["float32"])
+    params = smoke(([1_000, 10_000, 30_000, 100_000, 300_000, 1_000_000], ["float32"]))
     param_names = ["work", "dtype"]
 
     def setup(self, work, dtype):

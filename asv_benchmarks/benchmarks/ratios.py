@@ -6,11 +6,11 @@ import importlib.util
 
 from fastbp import bench
 
-from . import require_torch
+from . import require_torch, smoke
 
 
 class TorchRatio:
-    params = [list(bench.WORKLOADS)]
+    params = smoke([list(bench.WORKLOADS)])
     param_names = ["workload"]
     timeout = 600
     unit = "ratio"

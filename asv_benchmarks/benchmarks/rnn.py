@@ -6,12 +6,13 @@ The ``*_serial`` / ``*_parallel`` methods call one build directly, to check the 
 import numpy as np
 
 from fastbp.kernels import rnn as K
+from . import smoke
 
 SIZES = {"tiny": (100, 1, 8, 32), "small": (50, 8, 32, 32), "seq": (50, 32, 32, 128)}
 
 
 class RNNSequence:
-    params = (list(SIZES), ["float32", "float64"], ["tanh", "relu"])
+    params = smoke((list(SIZES), ["float32", "float64"], ["tanh", "relu"]))
     param_names = ["size", "dtype", "nonlinearity"]
 
     def setup(self, size, dtype, nonlinearity):

@@ -10,7 +10,7 @@ import time
 
 from fastbp import bench
 
-from . import fastbp_step
+from . import fastbp_step, smoke
 
 
 def _median(f, repeat=15):
@@ -24,7 +24,7 @@ def _median(f, repeat=15):
 
 
 class BatchSize:
-    params = (["mlp_mnist", "lstm_seq"], [16, 64, 256])
+    params = smoke((["mlp_mnist", "lstm_seq"], [16, 64, 256]))
     param_names = ["workload", "batch"]
     timeout = 300
 
@@ -36,7 +36,7 @@ class BatchSize:
 
 
 class SequenceLength:
-    params = (["rnn_seq", "lstm_seq"], [25, 50, 100])
+    params = smoke((["rnn_seq", "lstm_seq"], [25, 50, 100]))
     param_names = ["workload", "T"]
     timeout = 300
 
@@ -48,7 +48,7 @@ class SequenceLength:
 
 
 class BatchLinearity:
-    params = [["mlp_mnist", "lstm_seq"]]
+    params = smoke([["mlp_mnist", "lstm_seq"]])
     param_names = ["workload"]
     timeout = 300
     unit = "t(256) / (8 t(32))"
@@ -62,7 +62,7 @@ class BatchLinearity:
 
 
 class SeqLenLinearity:
-    params = [["rnn_seq", "lstm_seq"]]
+    params = smoke([["rnn_seq", "lstm_seq"]])
     param_names = ["workload"]
     timeout = 300
     unit = "t(T=160) / (8 t(T=20))"
@@ -78,7 +78,7 @@ class SeqLenLinearity:
 class ThreadSpeedup:
     """t(1 thread) / t(2 threads) of a training step, each in a fresh process with every
     thread pool (Numba, OpenMP, OpenBLAS) set to that count (``fastbp.bench.run_one``)."""
-    params = [["mlp_large", "cnn_cifar", "lstm_seq"]]
+    params = smoke([["mlp_large", "cnn_cifar", "lstm_seq"]])
     param_names = ["workload"]
     timeout = 600
     unit = "speed-up"

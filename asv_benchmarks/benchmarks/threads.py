@@ -17,7 +17,7 @@ training step of the mlp_mnist workload (ms), which alternates the same way.
 """
 import statistics
 
-from . import run_python
+from . import run_python, smoke
 
 POLICIES = {"PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
             "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
@@ -57,7 +57,7 @@ print(median_time(f))
 
 
 class WaitPolicy:
-    params = (list(POLICIES), ["pair", "mlp_mnist"])
+    params = smoke((list(POLICIES), ["pair", "mlp_mnist"]))
     param_names = ["OMP wait policy", "workload"]
     timeout = 300
     unit = "seconds"

@@ -2,11 +2,11 @@
 forward, softmax cross-entropy, backward (no input gradient), SGD update."""
 from fastbp.bench import WORKLOADS
 
-from . import fastbp_step
+from . import fastbp_step, smoke
 
 
 class TrainStep:
-    params = [list(WORKLOADS)]
+    params = smoke([list(WORKLOADS)])
     param_names = ["workload"]
     timeout = 300
 

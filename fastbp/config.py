@@ -82,20 +82,23 @@ CACHE_ENABLED = CACHE_DIR is not None
 # --- serial / parallel dispatch --------------------------------------------------------
 # Work thresholds, in the work units each kernel passes to ``work=`` (roughly scalar
 # operations), at or above which a kernel family runs its parallel compilation.
-# Measure with ``python -m fastbp.tune`` (representative public calls with one family
-# forced serial, then parallel; medians of interleaved repeats). 2026-11-22, 2 vCPUs
-# (AVX-512), omp layer, OMP_WAIT_POLICY=PASSIVE, shared machine: losses crossed over at
-# work 16k-32k, optim (fused adam) at ~65k (1 << 17 kept for headroom under load). The
-# other families keep 1 << 16 until tune runs on a quiet machine. Override: env var above.
+# Measured with ``python -m fastbp.tune`` (representative public calls with one family
+# forced serial, then parallel; medians of interleaved repeats) on 2026-12-01, 2 vCPUs
+# (AVX-512), omp layer, OMP_WAIT_POLICY=PASSIVE, a quiet moment on the shared machine.
+# Each value is tune's suggestion: the geometric median of the calls' crossovers, rounded
+# to a power of two. Dense makes no serial/parallel choice of its own (its GEMMs are BLAS;
+# bias and ReLU are fused into the compiled chain), so it keeps 1 << 16. Element-wise
+# families are memory-bound on 2 cores and only pay from ~0.5-1M elements. Re-run tune
+# on another machine and override with the env var above or set_parallel_threshold.
 DEFAULT_THRESHOLDS = {
     "dense": 1 << 16,
-    "activations": 1 << 16,
-    "dropout": 1 << 16,
-    "losses": 1 << 15,
-    "optim": 1 << 17,
-    "conv": 1 << 16,
-    "pool": 1 << 16,
-    "rnn": 1 << 16,
+    "activations": 1 << 20,
+    "dropout": 1 << 19,
+    "losses": 1 << 16,
+    "optim": 1 << 18,
+    "conv": 1 << 20,
+    "pool": 1 << 18,
+    "rnn": 1 << 17,
     "lstm": 1 << 16,
 }
 thresholds = dict(DEFAULT_THRESHOLDS)

@@ -86,22 +86,3 @@ def lstm_backward(x, h0, c0, Wx, Wh, b, dhs, dhT, dcT):
         gh = dz @ Wh.T
         gc = dc * f
     return dx, gh, gc, dWx, dWh, db
-
-
-def central_diff(loss, arrays, eps=1e-6):
-    """Central differences of the scalar ``loss()`` w.r.t. every element of each array in
-    ``arrays`` (float64, perturbed in place and restored). Returns a list of gradients."""
-    out = []
-    for a in arrays:
-        g = np.zeros_like(a)
-        flat, gflat = a.reshape(-1), g.reshape(-1)
-        for k in range(flat.size):
-            old = flat[k]
-            flat[k] = old + eps
-            lp = loss()
-            flat[k] = old - eps
-            lm = loss()
-            flat[k] = old
-            gflat[k] = (lp - lm) / (2 * eps)
-        out.append(g)
-    return out

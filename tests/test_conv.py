@@ -11,6 +11,7 @@ from fastbp.kernels import conv as K
 from fastbp.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU
 
 import naive
+from fd import central_diff
 
 METHODS = ["direct", "gemm"]
 
@@ -34,21 +35,6 @@ def _case(i, rng, dtype=np.float64):
 def _ids(i):
     s, p, k = GRID[i]
     return f"s{s}-p{p}-k{k[0]}x{k[1]}"
-
-
-def central_diff(f, a, eps=1e-6):
-    """∂f/∂a by central differences, f: array -> float (a is restored)."""
-    g = np.zeros_like(a)
-    flat, gf = a.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        up = f()
-        flat[i] = old - eps
-        down = f()
-        flat[i] = old
-        gf[i] = (up - down) / (2 * eps)
-    return g
 
 
 # ---------------------------------------------------------------- finite differences

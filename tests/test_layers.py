@@ -8,6 +8,7 @@ import pytest
 
 import fastbp as F
 from fastbp import _tree, config
+from fd import central_diff
 
 
 # ---------------------------------------------------------------- helpers
@@ -24,21 +25,6 @@ def off_kinks(x, margin=0.1):
 def randomize(params, rng, scale=0.5):
     """Random values in every parameter array (init leaves biases at zero, which hides bugs)."""
     return {k: (scale * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in params.items()}
-
-
-def central_diff(f, a, eps=1e-6):
-    """Independent central differences: dL/da[i] = (f(a + eps e_i) − f(a − eps e_i)) / 2eps.
-    ``a`` is perturbed in place and restored; ``f()`` reads it."""
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + eps
-        lp = f()
-        a[i] = old - eps
-        lm = f()
-        a[i] = old
-        g[i] = (lp - lm) / (2 * eps)
-    return g
 
 
 # Every layer, with an input shape it accepts (used by the generic tests below).

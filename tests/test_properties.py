@@ -11,20 +11,7 @@ from hypothesis import given, strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
 import fastbp as F  # noqa: E402
-
-
-def central_diff(f, a, eps=1e-6):
-    """(f(a + eps e_i) − f(a − eps e_i)) / 2eps for every i; ``a`` is restored afterwards."""
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + eps
-        lp = f()
-        a[i] = old - eps
-        lm = f()
-        a[i] = old
-        g[i] = (lp - lm) / (2 * eps)
-    return g
+from fd import central_diff
 
 
 def check_grads(layer, params, x, w):

@@ -7,6 +7,7 @@ from fastbp.kernels import rnn as K
 from fastbp.layers.recurrent import final_state
 
 import naive_recurrent as NV
+from fd import central_diffs
 
 SHAPES = [(1, 1, 3, 4), (1, 3, 3, 4), (4, 1, 3, 4), (5, 3, 2, 4)]   # T, N, D, H
 ids = lambda s: "T{}N{}D{}H{}".format(*s)  # noqa: E731
@@ -92,7 +93,7 @@ def test_cell_central_differences(N, relu, rng):
 
     h_new = K.rnn_cell_forward(x, h, Wx, Wh, b, relu)
     got = K.rnn_cell_backward(x, h, h_new, Wx, Wh, R, relu)
-    num = NV.central_diff(loss, [x, h, Wx, Wh, b])
+    num = central_diffs(loss, [x, h, Wx, Wh, b])
     for a, n in zip(got, num):
         np.testing.assert_allclose(a, n, rtol=1e-6, atol=1e-8)
 
@@ -126,7 +127,7 @@ def _layer_fd_check(layer, params, x, state, rng, with_dstate):
         return float(out)
 
     (dx, dh0), grads = layer.backward(params, cache, (R, Rs) if with_dstate else R)
-    num = NV.central_diff(loss, [x, state, params["Wx"], params["Wh"], params["b"]])
+    num = central_diffs(loss, [x, state, params["Wx"], params["Wh"], params["b"]])
     for name, a, n in zip(["x", "h0", "Wx", "Wh", "b"],
                           [dx, dh0, grads["Wx"], grads["Wh"], grads["b"]], num):
         np.testing.assert_allclose(a, n, rtol=1e-6, atol=1e-8, err_msg=name)

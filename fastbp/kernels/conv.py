@@ -149,6 +149,21 @@ def flat_forward(xp, W, b, relu, y):
                 y[n, f, i, j] = zero if relu and v < zero else v
 
 
+@jit(inline="always")
+def _channel_sum(dz, f):
+    """Σ_n,i,j dz[n, f, i, j] in a fixed order (per-column partials, then their sum)."""
+    N, _, OH, OW = dz.shape
+    accb = np.zeros(OW, dtype=dz.dtype)
+    for n in range(N):
+        for i in range(OH):
+            for j in range(OW):
+                accb[j] += dz[n, f, i, j]
+    s = dz.dtype.type(0)
+    for j in range(OW):
+        s += accb[j]
+    return s
+
+
 @dual("conv")
 def flat_backward_dw(xp, dz, dW, db):
     """Weight and bias gradients for stride 1 on the flattened padded planes.
@@ -188,15 +203,7 @@ def flat_backward_dw(xp, dz, dW, db):
                 s += acc[r, u]
             dW[f, c, r // KW, r - (r // KW) * KW] = s
         if c == 0 and db.shape[0] > 0:
-            accb = np.zeros(OW, dtype=dW.dtype)
-            for n in range(N):
-                for i in range(OH):
-                    for j in range(OW):
-                        accb[j] += dz[n, f, i, j]
-            s = zero
-            for j in range(OW):
-                s += accb[j]
-            db[f] = s
+            db[f] = _channel_sum(dz, f)
 
 
 @dual("conv")
@@ -281,15 +288,7 @@ def direct_backward_dw(x, dz, sh, sw, ph, pw, dW, db):
                     s += acc[p, q, j]
                 dW[f, c, p, q] = s
         if c == 0 and db.shape[0] > 0:
-            accb = np.zeros(OW, dtype=dW.dtype)
-            for n in range(N):
-                for i in range(OH):
-                    for j in range(OW):
-                        accb[j] += dz[n, f, i, j]
-            s = zero
-            for j in range(OW):
-                s += accb[j]
-            db[f] = s
+            db[f] = _channel_sum(dz, f)
 
 
 # ---------------------------------------------------------------------------- im2col + GEMM

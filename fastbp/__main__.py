@@ -20,7 +20,7 @@ def cmd_info(args):
     import scipy
 
     import fastbp as F
-    from fastbp import config
+    from fastbp import _malloc, config
     from fastbp.kernels.activations import relu_forward
 
     z = np.zeros(4, np.float32)
@@ -46,6 +46,7 @@ def cmd_info(args):
         ("BLAS (kernels, scipy)", _scipy_blas()),
         ("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "-") +
          (" (set by user)" if config.USER_SET_WAIT_POLICY else " (set by fastbp)")),
+        ("malloc", _malloc.state),
         ("cache dir", f"{config.CACHE_DIR or '-'} ({config.CACHE_SOURCE})"),
     ]
     for k, v in rows:

@@ -12,6 +12,8 @@ Environment variables (all optional):
     compilation when its work (roughly, scalar operations) is at least the threshold
     of its family and more than one thread is available. ``0`` always runs parallel;
     a huge number always runs serial.
+``FASTBP_MALLOC``
+    ``default`` leaves glibc's malloc settings alone (see ``fastbp/_malloc.py``).
 ``OMP_WAIT_POLICY`` / ``NUMBA_THREADING_LAYER`` / ``NUMBA_CACHE_DIR`` / ``NUMBA_NUM_THREADS``
     Respected when set. fastbp only fills in defaults for the ones left unset.
 """
@@ -32,6 +34,11 @@ if not USER_SET_WAIT_POLICY:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import numba  # noqa: E402  (after the environment is prepared)
+
+# Freed arrays stay in the heap for the next kernel call instead of being unmapped and
+# page-faulted back in (see fastbp/_malloc.py; FASTBP_MALLOC=default opts out).
+from . import _malloc  # noqa: E402
+_malloc.keep_large_blocks()
 
 # The 'workqueue' layer aborts when two Python threads launch parallel regions at once.
 # 'threadsafe' picks omp or tbb, both safe for concurrent callers.

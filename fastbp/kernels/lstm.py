@@ -33,7 +33,7 @@ from numba import prange
 
 from .._jit import dual, jit
 from ._math import _wide, fsigmoid, ftanh
-from .rnn import _c, _col_blocks, _matmul_into, _weight_grads
+from .rnn import _c, _col_blocks, _matmul_into, _use_blas, _weight_grads
 
 
 # --- the fused element-wise parts, one row (one batch element) at a time ------------------
@@ -212,6 +212,7 @@ def lstm_forward(x, h0, c0, Wx, Wh, b):
     besides x, h0, c0 and the weights.
     """
     x, h0, c0, Wx, Wh, b = _c(x, h0, c0, Wx, Wh, b)
+    _use_blas(x.shape[0], x.shape[1], x.shape[2], 0, Wx.shape[1])
     return _lstm_forward(x, h0, c0, Wx, Wh, b, work=_work(*h0.shape))
 
 
@@ -225,4 +226,5 @@ def lstm_backward(x, h0, c0, gates, cs, hs, Wx, Wh, dhs, dhT, dcT, input_grad=Tr
     when not ``input_grad``, dh0 (N, H), dc0 (N, H), dWx (D, 4H), dWh (H, 4H), db (4H,)).
     """
     args = _c(x, h0, c0, gates, cs, hs, Wx, Wh, dhs, dhT, dcT)
+    _use_blas(*args[0].shape, args[1].shape[1], args[6].shape[1])
     return _lstm_backward(*args, bool(input_grad), work=_work(*h0.shape))

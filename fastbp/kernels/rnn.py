@@ -28,6 +28,7 @@ validate nothing else: layers (``fastbp.layers.recurrent``) check shapes first.
 import numpy as np
 from numba import prange
 
+from .. import _blas
 from .._jit import dual, jit
 from ._math import _wide, ftanh
 
@@ -243,6 +244,14 @@ def _c(*arrays):
     return tuple(np.ascontiguousarray(a) for a in arrays)
 
 
+def _use_blas(T, N, D, H, G):
+    """BLAS threads for the sequence's big GEMMs (x Wx, and dWx, dWh, dx in backward).
+    The per-step products are split into blocks OpenBLAS runs on one thread anyway (see
+    ``_col_blocks``). Without this the count is whatever the previous layer set: one
+    thread after a small Dense, which ran lstm_seq's dWh at half speed."""
+    _blas.use_for(T * N * max(D, H) * G)
+
+
 def _work(N, H):
     # A parallel region is launched per time step, so one step's work is what must outweigh
     # the launch cost: its N·H elements are compared with the family threshold (default
@@ -258,6 +267,7 @@ def rnn_forward(x, h0, Wx, Wh, b, relu=False):
     Returns hs (T, N, H), every h_t (hs[-1] is the final state). Backward needs x, h0, hs.
     """
     x, h0, Wx, Wh, b = _c(x, h0, Wx, Wh, b)
+    _use_blas(x.shape[0], x.shape[1], x.shape[2], 0, Wx.shape[1])
     return _rnn_forward(x, h0, Wx, Wh, b, bool(relu), work=_work(*h0.shape))
 
 
@@ -271,5 +281,6 @@ def rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, relu=False, input_grad=True):
     dh0 (N, H), dWx (D, H), dWh (H, H), db (H,)), as in the module docstring.
     """
     x, h0, hs, Wx, Wh, dhs, dhT = _c(x, h0, hs, Wx, Wh, dhs, dhT)
+    _use_blas(*x.shape, h0.shape[1], Wx.shape[1])
     return _rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, bool(relu), bool(input_grad),
                          work=_work(*h0.shape))

@@ -315,27 +315,65 @@ def machine_info():
             "numpy": np.__version__, "numba": numba.__version__}
 
 
-def run(workloads, threads, repeat=200, budget=3.0, peers=None, progress=print):
-    """Measure ``workloads`` for every installed peer. Returns the result dict."""
+def run(workloads, threads, repeat=200, budget=3.0, peers=None, progress=print, rounds=1):
+    """Measure ``workloads`` for every installed peer. Returns the result dict.
+
+    With ``rounds`` > 1 every (workload, peer) is measured that many times, the peer order
+    rotating from round to round (on a shared machine the process that runs right after
+    another one measured up to 30% slower). Each peer's ``median_s`` is then the median of
+    its per-round medians, ``rounds_s`` lists them, and ``ratios`` holds fastbp / best
+    peer of each round.
+    """
     peers = peers or available_peers()
-    res = {"info": machine_info(), "threads": threads, "results": {}}
+    rounds = max(1, int(rounds))
+    res = {"info": machine_info(), "threads": threads, "rounds": rounds, "results": {}}
     res["gemm_peak_gflops"] = run_one("peak", "mlp_small", threads, 1, 1).get("gflops")
     for name in workloads:
-        res["results"][name] = {}
-        for peer in peers:
-            r = run_one(peer, name, threads, repeat, budget)
-            res["results"][name][peer] = r
-            if progress:
-                msg = f"{r['median_s'] * 1e3:.3f} ms" if "median_s" in r else r["error"]
-                progress(f"  {name:<10} {peer:<7} {msg}")
+        per_round = []
+        for k in range(rounds):
+            order = peers[k % len(peers):] + peers[:k % len(peers)]
+            got = {}
+            for peer in order:
+                r = run_one(peer, name, threads, repeat, budget)
+                got[peer] = r
+                if progress:
+                    msg = f"{r['median_s'] * 1e3:.3f} ms" if "median_s" in r else r["error"]
+                    tag = f" (round {k + 1})" if rounds > 1 else ""
+                    progress(f"  {name:<10} {peer:<7} {msg}{tag}")
+            per_round.append(got)
+        res["results"][name] = _combine(per_round, peers)
     return res
+
+
+def _combine(per_round, peers):
+    """One workload's per-round results -> {peer: result} (+ "ratios" when rounds > 1)."""
+    if len(per_round) == 1:
+        return per_round[0]
+    out, ratios = {}, []
+    for peer in peers:
+        ok = [r[peer] for r in per_round if "median_s" in r[peer]]
+        if not ok:
+            out[peer] = per_round[0][peer]
+            continue
+        meds = [r["median_s"] for r in ok]
+        out[peer] = {"median_s": float(np.median(meds)), "rounds_s": meds,
+                     "n": sum(r["n"] for r in ok)}
+    for r in per_round:
+        others = [v["median_s"] for p, v in r.items() if p != "fastbp" and "median_s" in v]
+        if "median_s" in r.get("fastbp", {}) and others:
+            ratios.append(r["fastbp"]["median_s"] / min(others))
+    if ratios:
+        out["ratios"] = ratios
+    return out
 
 
 def format_table(res) -> str:
     peers = [p for p in PEERS if any(p in r for r in res["results"].values())]
+    ranged = res.get("rounds", 1) > 1
     head = "| workload | " + " | ".join(f"{p} (ms)" for p in peers) + \
-        " | fastbp / best peer | target | fastbp % of GEMM peak |"
-    lines = [head, "|" + "---|" * (len(peers) + 4)]
+        " | fastbp / best peer |" + (" per-round ratios |" if ranged else "") + \
+        " target | fastbp % of GEMM peak |"
+    lines = [head, "|" + "---|" * (len(peers) + 4 + ranged)]
     peak = res.get("gemm_peak_gflops")
     for name, r in res["results"].items():
         cells, med = [], {}
@@ -349,8 +387,12 @@ def format_table(res) -> str:
         ratio = f"{med['fastbp'] / min(others):.2f}" if "fastbp" in med and others else "-"
         flops = step_flops(name)
         frac = f"{flops / med['fastbp'] / 1e9 / peak:.0%}" if flops and peak and "fastbp" in med else "-"
+        spread = ""
+        if ranged:
+            rs = r.get("ratios", [])
+            spread = f" {min(rs):.2f}-{max(rs):.2f} |" if rs else " - |"
         lines.append(f"| {name} | " + " | ".join(cells) +
-                     f" | {ratio} | ≤ {TARGETS[name]} | {frac} |")
+                     f" | {ratio} |{spread} ≤ {TARGETS[name]} | {frac} |")
     return "\n".join(lines)
 
 
@@ -361,6 +403,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--repeat", type=int, default=200, help="max timed steps per measurement")
     ap.add_argument("--budget", type=float, default=3.0, help="seconds of timed steps per measurement")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every pair this many times, rotating the peer order")
     ap.add_argument("--peers", default=None, help="comma-separated subset of fastbp,torch,jax")
     ap.add_argument("--json", default=None, help="write the results to this file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -376,11 +420,12 @@ def main(argv=None):
     print(f"fastbp bench: {len(names)} workload(s), {args.threads} thread(s), peers "
           f"{', '.join(peers or available_peers())}", flush=True)
     res = run(names, args.threads, args.repeat, args.budget, peers,
-              progress=lambda m: print(m, flush=True))
+              progress=lambda m: print(m, flush=True), rounds=args.rounds)
     info = res["info"]
     print(f"\nmeasured {info['date']} on {info['cpus']}-CPU {info['machine']}, Python "
           f"{info['python']}, numba {info['numba']}; float32 GEMM peak "
-          f"{res['gemm_peak_gflops']:.0f} GFLOP/s; medians of single training steps\n")
+          f"{res['gemm_peak_gflops']:.0f} GFLOP/s; medians of single training steps"
+          + (f", median over {res['rounds']} rounds" if res["rounds"] > 1 else "") + "\n")
     print(format_table(res))
     if args.json:
         with open(args.json, "w") as f:

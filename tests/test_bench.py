@@ -1,0 +1,52 @@
+"""fastbp bench bookkeeping: combining rounds and the table (timings are never asserted)."""
+import json
+import subprocess
+import sys
+
+from fastbp import bench
+
+
+def _r(ms):
+    return {"median_s": ms / 1e3, "n": 10}
+
+
+def test_rounds_combine_to_the_median_and_per_round_ratios():
+    rounds = [{"fastbp": _r(1.0), "jax": _r(2.0)},
+              {"fastbp": _r(3.0), "jax": _r(2.0)},
+              {"fastbp": _r(2.0), "jax": _r(4.0)}]
+    out = bench._combine(rounds, ["fastbp", "jax"])
+    assert out["fastbp"]["median_s"] == 2.0e-3
+    assert out["jax"]["median_s"] == 2.0e-3
+    assert out["fastbp"]["n"] == 30
+    assert out["ratios"] == [0.5, 1.5, 0.5]
+
+
+def test_a_failed_peer_round_is_left_out_and_errors_survive():
+    rounds = [{"fastbp": _r(1.0), "torch": {"error": "timeout"}},
+              {"fastbp": _r(3.0), "torch": _r(2.0)}]
+    out = bench._combine(rounds, ["fastbp", "torch"])
+    assert out["torch"]["median_s"] == 2.0e-3
+    assert out["ratios"] == [1.5]
+    never = bench._combine([{"fastbp": _r(1.0), "torch": {"error": "x"}}] * 2,
+                           ["fastbp", "torch"])
+    assert never["torch"] == {"error": "x"} and "ratios" not in never
+
+
+def test_table_shows_the_ratio_range_over_rounds():
+    res = {"rounds": 2, "gemm_peak_gflops": 100.0,
+           "results": {"lstm_tiny": {"fastbp": _r(1.0), "jax": _r(4.0),
+                                     "ratios": [0.2, 0.3]}}}
+    table = bench.format_table(res)
+    row = [ln for ln in table.splitlines() if ln.startswith("| lstm_tiny")][0]
+    assert "| 0.25 | 0.20-0.30 | ≤ 0.5 |" in row
+    assert "per-round ratios" in table.splitlines()[0]
+
+
+def test_cli_rounds_json(tmp_path):
+    out = tmp_path / "b.json"
+    subprocess.run([sys.executable, "-m", "fastbp.bench", "--workloads", "mlp_small",
+                    "--peers", "fastbp", "--rounds", "2", "--repeat", "3", "--budget", "0.01",
+                    "--json", str(out)], check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    r = res["results"]["mlp_small"]["fastbp"]
+    assert res["rounds"] == 2 and len(r["rounds_s"]) == 2 and r["median_s"] > 0

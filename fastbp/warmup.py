@@ -152,6 +152,17 @@ def _cells(run, families):
                 R.rnn_cell_backward(x, h, h_new, Wx, Wh, run.x((N, H)), relu=relu)
             for relu in (False, True):
                 run.attempt(f"kernels.rnn.rnn_cell(relu={relu})", lambda r=relu: rnn(r))
+        if hasattr(R, "_rnn_forward_rows"):           # the batch-split chunks (_pool.py)
+            def rnn_rows():
+                T = 3
+                xs, h0 = run.x((T, N, D)), run.x((N, H))
+                Wx, Wh, b = run.x((D, H)), run.x((H, H)), run.x((H,))
+                hs = np.empty((T, N, H), run.dtype)
+                R._rnn_forward_rows(xs, h0, Wx, Wh, b, False, hs, 0, N)
+                dx, dh0 = np.empty((T, N, D), run.dtype), np.empty((N, H), run.dtype)
+                R._rnn_backward_rows(xs, h0, hs, Wx, np.ascontiguousarray(Wh.T), run.x((T, N, H)),
+                                     run.x((N, H)), False, True, dx, dh0, 0, N)
+            run.attempt("kernels.rnn batch-split chunks", rnn_rows)
     if "lstm" in families:
         try:
             L = importlib.import_module("fastbp.kernels.lstm")
@@ -164,6 +175,20 @@ def _cells(run, families):
                 h_new, c_new, gates = L.lstm_cell_forward(x, h, c, Wx, Wh, b)
                 L.lstm_cell_backward(x, h, c, c_new, gates, Wx, Wh, run.x((N, H)), run.x((N, H)))
             run.attempt("kernels.lstm.lstm_cell", lstm)
+        if hasattr(L, "_lstm_forward_rows"):
+            def lstm_rows():
+                T = 3
+                xs, h0, c0 = run.x((T, N, D)), run.x((N, H)), run.x((N, H))
+                Wx, Wh, b = run.x((D, 4 * H)), run.x((H, 4 * H)), run.x((4 * H,))
+                g = np.empty((T, N, 4 * H), run.dtype)
+                cs, hs = np.empty((T, N, H), run.dtype), np.empty((T, N, H), run.dtype)
+                L._lstm_forward_rows(xs, h0, c0, Wx, Wh, b, g, cs, hs, 0, N)
+                dx = np.empty((T, N, D), run.dtype)
+                dh0, dc0 = np.empty((N, H), run.dtype), np.empty((N, H), run.dtype)
+                L._lstm_backward_rows(xs, h0, c0, g, cs, hs, Wx, np.ascontiguousarray(Wh.T),
+                                      run.x((T, N, H)), run.x((N, H)), run.x((N, H)), True, dx,
+                                      dh0, dc0, 0, N)
+            run.attempt("kernels.lstm batch-split chunks", lstm_rows)
 
 
 def _losses(run):

@@ -31,9 +31,11 @@ in backward rather than stored. Backward allocates ``dz (T, N, 4H)`` more.
 import numpy as np
 from numba import prange
 
+from .. import _blas, _pool
 from .._jit import dual, jit
 from ._math import _wide, fsigmoid, ftanh
-from .rnn import _c, _col_blocks, _matmul_into, _use_blas, _weight_grads
+from .rnn import _c, _chunk_weight_grads, _col_blocks, _matmul_into, _proj, _sum_chunks, \
+    _use_blas, _weight_grads
 
 
 # --- the fused element-wise parts, one row (one batch element) at a time ------------------
@@ -202,6 +204,59 @@ def _lstm_backward(x, h0, c0, gates, cs, hs, Wx, Wh, dhs, dhT, dcT, input_grad):
     return dx, gh, gc, dWx, dWh, db
 
 
+# --- the batch split (see fastbp/_pool.py): rows n0:n1 of the recurrence, on one thread ---
+@jit
+def _lstm_forward_rows(x, h0, c0, Wx, Wh, b, gates, cs, hs, n0, n1):
+    """The forward recurrence for rows n0:n1 only, writing gates/cs/hs[:, n0:n1].
+    x (T, N, D), h0, c0 (N, H), Wx (D, 4H), Wh (H, 4H), b (4H,); outputs shared. The
+    chunk's input projection is done here too, so no threaded BLAS runs beside the chunks."""
+    _wide()
+    H = h0.shape[1]
+    M = n1 - n0
+    xw = _proj(np.ascontiguousarray(x[:, n0:n1]), Wx)
+    T = xw.shape[0]
+    hw = np.empty((M, 4 * H), dtype=xw.dtype)
+    Whb = _col_blocks(Wh, M)
+    tmp = np.empty((Whb.shape[0], M, Whb.shape[2]), dtype=xw.dtype)
+    for t in range(T):
+        hprev = h0[n0:n1] if t == 0 else hs[t - 1, n0:n1]
+        cprev = c0 if t == 0 else cs[t - 1]
+        _matmul_into(hprev, Wh, Whb, tmp, hw)
+        for n in range(M):
+            r = n0 + n
+            _lstm_act_row(xw[t, n], hw[n], b, cprev[r], gates[t, r], cs[t, r], hs[t, r])
+
+
+@jit
+def _lstm_backward_rows(x, h0, c0, gates, cs, hs, Wx, WhT, dhs, dhT, dcT, input_grad, dx,
+                        dh0, dc0, n0, n1):
+    """BPTT for rows n0:n1 only, writing dh0, dc0[n0:n1] and dx[:, n0:n1] (shared outputs)
+    and returning the chunk's partial (dWx, dWh, db). gates (T, N, 4H), cs, hs (T, N, H),
+    WhT (4H, H) = Whᵀ, dhs (T or 0, N, H), dhT, dcT (N, H)."""
+    _wide()
+    T, N, H = cs.shape
+    M = n1 - n0
+    dz = np.empty((T, M, 4 * H), dtype=cs.dtype)
+    WhTb = _col_blocks(WhT, M)
+    tmp = np.empty((WhTb.shape[0], M, WhTb.shape[2]), dtype=cs.dtype)
+    gh = dhT[n0:n1].copy()
+    gc = dcT[n0:n1].copy()
+    per_step = dhs.shape[0] == T
+    for t in range(T - 1, -1, -1):
+        cprev = c0 if t == 0 else cs[t - 1]
+        if per_step:
+            for n in range(M):
+                for j in range(H):
+                    gh[n, j] += dhs[t, n0 + n, j]
+        for n in range(M):
+            r = n0 + n
+            _lstm_grad_row(gates[t, r], cprev[r], cs[t, r], gh[n], gc[n], dz[t, n])
+        _matmul_into(dz[t], WhT, WhTb, tmp, gh)
+    dh0[n0:n1] = gh
+    dc0[n0:n1] = gc
+    return _chunk_weight_grads(x, h0, hs, dz, input_grad, Wx, dx, n0, n1)
+
+
 def _work(N, H):
     # A parallel region is launched per time step, so one step's work is what must outweigh
     # the launch cost: its N·H elements are compared with the family threshold (default
@@ -219,8 +274,21 @@ def lstm_forward(x, h0, c0, Wx, Wh, b):
     besides x, h0, c0 and the weights.
     """
     x, h0, c0, Wx, Wh, b = _c(x, h0, c0, Wx, Wh, b)
-    _use_blas(x.shape[0], x.shape[1], x.shape[2], 0, Wx.shape[1])
-    return _lstm_forward(x, h0, c0, Wx, Wh, b, work=_work(*h0.shape))
+    T, N, D = x.shape
+    H = h0.shape[1]
+    _use_blas(T, N, D, 0, 4 * H)
+    chunks = _pool.row_chunks(N, T * N * H * 4 * H)
+    if chunks is None:
+        return _lstm_forward(x, h0, c0, Wx, Wh, b, work=_work(N, H))
+    gates = np.empty((T, N, 4 * H), dtype=x.dtype)
+    cs = np.empty((T, N, H), dtype=x.dtype)
+    hs = np.empty((T, N, H), dtype=x.dtype)
+
+    def rows(n0, n1):
+        _blas.use_for(0)             # one BLAS thread each: the chunks run side by side
+        _lstm_forward_rows(x, h0, c0, Wx, Wh, b, gates, cs, hs, n0, n1)
+    _pool.run(rows, chunks)
+    return gates, cs, hs
 
 
 def lstm_backward(x, h0, c0, gates, cs, hs, Wx, Wh, dhs, dhT, dcT, input_grad=True):
@@ -233,5 +301,21 @@ def lstm_backward(x, h0, c0, gates, cs, hs, Wx, Wh, dhs, dhT, dcT, input_grad=Tr
     when not ``input_grad``, dh0 (N, H), dc0 (N, H), dWx (D, 4H), dWh (H, 4H), db (4H,)).
     """
     args = _c(x, h0, c0, gates, cs, hs, Wx, Wh, dhs, dhT, dcT)
-    _use_blas(*args[0].shape, args[1].shape[1], args[6].shape[1])
-    return _lstm_backward(*args, bool(input_grad), work=_work(*h0.shape))
+    x, h0, c0, gates, cs, hs, Wx, Wh, dhs, dhT, dcT = args
+    T, N, D = x.shape
+    H = h0.shape[1]
+    chunks = _pool.row_chunks(N, T * N * H * 4 * H)
+    if chunks is None:
+        _use_blas(T, N, D, H, 4 * H)
+        return _lstm_backward(*args, bool(input_grad), work=_work(N, H))
+    WhT = np.ascontiguousarray(Wh.T)
+    dh0 = np.empty((N, H), dtype=x.dtype)
+    dc0 = np.empty((N, H), dtype=x.dtype)
+    dx = np.empty((T, N, D) if input_grad else (0, 0, 0), dtype=x.dtype)
+
+    def rows(n0, n1):
+        _blas.use_for(0)             # one BLAS thread each: the chunks run side by side
+        return _lstm_backward_rows(x, h0, c0, gates, cs, hs, Wx, WhT, dhs, dhT, dcT,
+                                   bool(input_grad), dx, dh0, dc0, n0, n1)
+    dx, dWx, dWh, db = _sum_chunks(_pool.run(rows, chunks), x, input_grad, dx)
+    return dx, dh0, dc0, dWx, dWh, db

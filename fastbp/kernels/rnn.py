@@ -28,7 +28,7 @@ validate nothing else: layers (``fastbp.layers.recurrent``) check shapes first.
 import numpy as np
 from numba import prange
 
-from .. import _blas
+from .. import _blas, _pool
 from .._jit import dual, jit
 from ._math import _wide, ftanh
 
@@ -240,6 +240,95 @@ def _rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, relu, input_grad):
     return dx, g, dWx, dWh, db
 
 
+# --- the batch split (see fastbp/_pool.py): rows n0:n1 of the recurrence, on one thread ---
+@jit(inline="always")
+def _proj(x, Wx):
+    """x (T, N, D) -> x Wx (T, N, G): the input projections of all steps, one GEMM."""
+    T, N, D = x.shape
+    return np.dot(x.reshape(T * N, D), Wx).reshape(T, N, Wx.shape[1])
+
+
+@jit(inline="always")
+def _chunk_weight_grads(x, h0, hs, dzc, input_grad, Wx, dx, n0, n1):
+    """``_weight_grads`` for rows n0:n1: dzc (T, n1-n0, G) is the chunk's dz. Writes
+    dx[:, n0:n1] = dzc Wxᵀ when input_grad; returns the chunk's partial (dWx, dWh, db)."""
+    T, N, D = x.shape
+    H = h0.shape[1]
+    M = n1 - n0
+    G = dzc.shape[2]
+    dz2 = dzc.reshape(T * M, G)
+    xc = np.ascontiguousarray(x[:, n0:n1]).reshape(T * M, D)
+    dWx = np.dot(xc.T, dz2)
+    hp = np.empty((T, M, H), dtype=x.dtype)
+    hp[0] = h0[n0:n1]
+    if T > 1:
+        hp[1:] = hs[:T - 1, n0:n1]
+    dWh = np.dot(hp.reshape(T * M, H).T, dz2)
+    db = np.zeros(G, dtype=x.dtype)
+    for r in range(T * M):
+        for j in range(G):
+            db[j] += dz2[r, j]
+    if input_grad:
+        dx[:, n0:n1] = np.dot(dz2, Wx.T).reshape(T, M, D)
+    return dWx, dWh, db
+
+
+def _sum_chunks(parts, x, input_grad, dx):
+    """The chunks' partial weight gradients summed in chunk order (deterministic)."""
+    dWx, dWh, db = (p.copy() for p in parts[0])
+    for p in parts[1:]:
+        dWx += p[0]
+        dWh += p[1]
+        db += p[2]
+    if not input_grad:
+        dx = np.zeros((0, 0, 0), dtype=x.dtype)
+    return dx, dWx, dWh, db
+
+
+@jit
+def _rnn_forward_rows(x, h0, Wx, Wh, b, relu, hs, n0, n1):
+    """The forward recurrence for rows n0:n1 only, writing hs[:, n0:n1]. x (T, N, D),
+    h0 (N, H), Wx (D, H), Wh (H, H), b (H,), hs (T, N, H) the shared output. The chunk's
+    input projection is done here too, so no threaded BLAS runs beside the chunks."""
+    _wide()
+    H = h0.shape[1]
+    M = n1 - n0
+    xw = _proj(np.ascontiguousarray(x[:, n0:n1]), Wx)
+    T = xw.shape[0]
+    hw = np.empty((M, H), dtype=xw.dtype)
+    Whb = _col_blocks(Wh, M)
+    tmp = np.empty((Whb.shape[0], M, Whb.shape[2]), dtype=xw.dtype)
+    for t in range(T):
+        hprev = h0[n0:n1] if t == 0 else hs[t - 1, n0:n1]
+        _matmul_into(hprev, Wh, Whb, tmp, hw)
+        for n in range(M):
+            _rnn_act_row(xw[t, n], hw[n], b, relu, hs[t, n0 + n])
+
+
+@jit
+def _rnn_backward_rows(x, h0, hs, Wx, WhT, dhs, dhT, relu, input_grad, dx, dh0, n0, n1):
+    """BPTT for rows n0:n1 only, writing dh0[n0:n1] and dx[:, n0:n1] (shared outputs) and
+    returning the chunk's partial (dWx, dWh, db). hs (T, N, H), WhT (H, H) = Whᵀ,
+    dhs (T or 0, N, H), dhT (N, H)."""
+    T, N, H = hs.shape
+    M = n1 - n0
+    da = np.empty((T, M, H), dtype=hs.dtype)
+    WhTb = _col_blocks(WhT, M)
+    tmp = np.empty((WhTb.shape[0], M, WhTb.shape[2]), dtype=hs.dtype)
+    g = dhT[n0:n1].copy()
+    per_step = dhs.shape[0] == T
+    for t in range(T - 1, -1, -1):
+        if per_step:
+            for n in range(M):
+                for j in range(H):
+                    g[n, j] += dhs[t, n0 + n, j]
+        for n in range(M):
+            _rnn_grad_row(hs[t, n0 + n], g[n], relu, da[t, n])
+        _matmul_into(da[t], WhT, WhTb, tmp, g)
+    dh0[n0:n1] = g
+    return _chunk_weight_grads(x, h0, hs, da, input_grad, Wx, dx, n0, n1)
+
+
 def _c(*arrays):
     return tuple(np.ascontiguousarray(a) for a in arrays)
 
@@ -267,8 +356,19 @@ def rnn_forward(x, h0, Wx, Wh, b, relu=False):
     Returns hs (T, N, H), every h_t (hs[-1] is the final state). Backward needs x, h0, hs.
     """
     x, h0, Wx, Wh, b = _c(x, h0, Wx, Wh, b)
-    _use_blas(x.shape[0], x.shape[1], x.shape[2], 0, Wx.shape[1])
-    return _rnn_forward(x, h0, Wx, Wh, b, bool(relu), work=_work(*h0.shape))
+    T, N, D = x.shape
+    H = h0.shape[1]
+    _use_blas(T, N, D, 0, Wx.shape[1])
+    chunks = _pool.row_chunks(N, T * N * H * H)
+    if chunks is None:
+        return _rnn_forward(x, h0, Wx, Wh, b, bool(relu), work=_work(N, H))
+    hs = np.empty((T, N, H), dtype=x.dtype)
+
+    def rows(n0, n1):
+        _blas.use_for(0)             # one BLAS thread each: the chunks run side by side
+        _rnn_forward_rows(x, h0, Wx, Wh, b, bool(relu), hs, n0, n1)
+    _pool.run(rows, chunks)
+    return hs
 
 
 def rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, relu=False, input_grad=True):
@@ -281,6 +381,20 @@ def rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, relu=False, input_grad=True):
     dh0 (N, H), dWx (D, H), dWh (H, H), db (H,)), as in the module docstring.
     """
     x, h0, hs, Wx, Wh, dhs, dhT = _c(x, h0, hs, Wx, Wh, dhs, dhT)
-    _use_blas(*x.shape, h0.shape[1], Wx.shape[1])
-    return _rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, bool(relu), bool(input_grad),
-                         work=_work(*h0.shape))
+    T, N, D = x.shape
+    H = h0.shape[1]
+    chunks = _pool.row_chunks(N, T * N * H * H)
+    if chunks is None:
+        _use_blas(T, N, D, H, Wx.shape[1])
+        return _rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, bool(relu), bool(input_grad),
+                             work=_work(N, H))
+    WhT = np.ascontiguousarray(Wh.T)
+    dh0 = np.empty((N, H), dtype=x.dtype)
+    dx = np.empty((T, N, D) if input_grad else (0, 0, 0), dtype=x.dtype)
+
+    def rows(n0, n1):
+        _blas.use_for(0)             # one BLAS thread each: the chunks run side by side
+        return _rnn_backward_rows(x, h0, hs, Wx, WhT, dhs, dhT, bool(relu), bool(input_grad),
+                                  dx, dh0, n0, n1)
+    dx, dWx, dWh, db = _sum_chunks(_pool.run(rows, chunks), x, input_grad, dx)
+    return dx, dh0, dWx, dWh, db

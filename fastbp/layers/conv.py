@@ -104,10 +104,10 @@ class Conv2D(Layer):
         return params
 
     def _params(self, params):
-        W = np.ascontiguousarray(check_param(str(self), params, "W", self.weight_shape))
+        W = np.ascontiguousarray(check_param(self, params, "W", self.weight_shape))
         if self.bias:
-            b = check_param(str(self), params, "b", (self.out_channels,))
-            check_dtype(str(self), b, W.dtype, name="parameter 'b'", other="parameter 'W'")
+            b = check_param(self, params, "b", (self.out_channels,))
+            check_dtype(self, b, W.dtype, name="parameter 'b'", other="parameter 'W'")
             b = np.ascontiguousarray(b)
         else:
             b = np.zeros(0, dtype=W.dtype)
@@ -129,8 +129,8 @@ class Conv2D(Layer):
     def forward(self, params, x, *, train=False, rng=None, relu=False):
         """y = conv(x, W) + b (then max(y, 0) when ``relu``, fused). Returns (y, cache)."""
         W, b = self._params(params)
-        x = _check_nchw(str(self), x, self.in_channels)
-        check_dtype(str(self), x, W.dtype)
+        x = _check_nchw(self, x, self.in_channels)
+        check_dtype(self, x, W.dtype)
         self.output_shape(x.shape)
         y = K.conv2d_forward(x, W, b, self.stride, self.padding, relu)
         return y, (x, y if relu else None)
@@ -186,7 +186,7 @@ class MaxPool2D(_Pool2D):
         self._setup(size, stride)
 
     def forward(self, params, x, *, train=False, rng=None):
-        x = _check_nchw(str(self), x, None)
+        x = _check_nchw(self, x, None)
         self.output_shape(x.shape)
         y, idx = PK.maxpool2d_forward(x, self.size, self.stride)
         return y, (idx, x.shape, x.dtype)
@@ -213,7 +213,7 @@ class AvgPool2D(_Pool2D):
         self._setup(size, stride)
 
     def forward(self, params, x, *, train=False, rng=None):
-        x = _check_nchw(str(self), x, None)
+        x = _check_nchw(self, x, None)
         yshape = self.output_shape(x.shape)
         y = PK.avgpool2d_forward(x, self.size, self.stride)
         return y, (x.shape, yshape, x.dtype)

@@ -108,7 +108,7 @@ class _Recurrent(Layer):
 
     def _params(self, params):
         D, H, G = self.input_size, self.hidden_size, self._gates * self.hidden_size
-        where = str(self)
+        where = self                     # formatted only when an error is raised
         Wx = check_param(where, params, "Wx", (D, G))
         Wh = check_param(where, params, "Wh", (H, G))
         b = check_param(where, params, "b", (G,))
@@ -134,21 +134,21 @@ class _Recurrent(Layer):
         return x, [None] * self._nstates, False
 
     def _check_x(self, x, dtype):
-        x = as_float_array(str(self), x)
+        x = as_float_array(self, x)
         if x.ndim != 3 or x.shape[2] != self.input_size or x.shape[0] < 1 or x.shape[1] < 1:
             raise ValueError(f"{self}: expected input (T, N, {self.input_size}) with T, N >= 1 "
                              f"(time-major), got {x.shape}")
-        check_dtype(str(self), x, dtype)
+        check_dtype(self, x, dtype)
         return np.ascontiguousarray(x)
 
     def _check_state(self, s, name, N, dtype):
         H = self.hidden_size
         if s is None:
             return np.zeros((N, H), dtype=dtype)
-        s = as_float_array(str(self), s, name)
+        s = as_float_array(self, s, name)
         if s.shape != (N, H):
             raise ValueError(f"{self}: expected {name} of shape ({N}, {H}), got {s.shape}")
-        check_dtype(str(self), s, dtype, name=name)
+        check_dtype(self, s, dtype, name=name)
         return np.ascontiguousarray(s)
 
     def _split_dy(self, dy, T, N, dtype):
@@ -166,9 +166,9 @@ class _Recurrent(Layer):
         extra = [self._check_state(s, names[k], N, dtype) for k, s in enumerate(extra)]
         if dy is None:                   # only the final state is used downstream
             return np.zeros((0, N, H), dtype=dtype), extra
-        dy = as_float_array(str(self), dy, "output gradient")
-        check_same_shape(str(self), dy, (T, N, H) if self.return_sequences else (N, H))
-        check_dtype(str(self), dy, dtype, name="output gradient")
+        dy = as_float_array(self, dy, "output gradient")
+        check_same_shape(self, dy, (T, N, H) if self.return_sequences else (N, H))
+        check_dtype(self, dy, dtype, name="output gradient")
         if self.return_sequences:
             return np.ascontiguousarray(dy), extra
         extra[0] = extra[0] + dy

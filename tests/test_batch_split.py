@@ -1,0 +1,147 @@
+"""The recurrent sequence kernels' batch split (fastbp/_pool.py): the rows of a batch run
+their whole recurrence on separate threads. It must give what the unsplit kernels give,
+deterministically, with every option (initial states, per-step gradients, input_grad)."""
+import numpy as np
+import pytest
+
+import fastbp
+from fastbp import _pool
+from fastbp.kernels import lstm as KL, rnn as KR
+
+
+@pytest.fixture
+def force_split(monkeypatch):
+    monkeypatch.setattr(_pool, "SPLIT_MACS", 0)
+    monkeypatch.setattr(_pool, "MIN_ROWS", 1)
+
+
+def _no_split(monkeypatch):
+    monkeypatch.setattr(_pool, "SPLIT_MACS", 1 << 62)
+
+
+def _rnn_case(rng, T, N, D, H, dt, per_step):
+    x = rng.standard_normal((T, N, D)).astype(dt)
+    h0 = rng.standard_normal((N, H)).astype(dt)
+    Wx = (rng.standard_normal((D, H)) * 0.3).astype(dt)
+    Wh = (rng.standard_normal((H, H)) * 0.3).astype(dt)
+    b = rng.standard_normal(H).astype(dt)
+    dhs = rng.standard_normal((T if per_step else 0, N, H)).astype(dt)
+    dhT = rng.standard_normal((N, H)).astype(dt)
+    return x, h0, Wx, Wh, b, dhs, dhT
+
+
+def _run_rnn(case, relu, input_grad):
+    x, h0, Wx, Wh, b, dhs, dhT = case
+    hs = KR.rnn_forward(x, h0, Wx, Wh, b, relu)
+    return (hs,) + tuple(KR.rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, relu, input_grad))
+
+
+def _run_lstm(case, c0, input_grad):
+    x, h0, Wx, Wh, b, dhs, dhT = case
+    out = KL.lstm_forward(x, h0, c0, Wx, Wh, b)
+    return tuple(out) + tuple(KL.lstm_backward(x, h0, c0, *out, Wx, Wh, dhs, dhT, c0,
+                                               input_grad))
+
+
+def _lstm_case(rng, T, N, D, H, dt, per_step):
+    x, h0, Wx, Wh, b, dhs, dhT = _rnn_case(rng, T, N, D, 4 * H, dt, per_step)
+    Wh = (rng.standard_normal((H, 4 * H)) * 0.3).astype(dt)
+    h0 = rng.standard_normal((N, H)).astype(dt)
+    dhs = rng.standard_normal((T if per_step else 0, N, H)).astype(dt)
+    dhT = rng.standard_normal((N, H)).astype(dt)
+    c0 = rng.standard_normal((N, H)).astype(dt)
+    return (x, h0, Wx, Wh, b, dhs, dhT), c0
+
+
+@pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu", "lstm"])
+@pytest.mark.parametrize("T,N", [(1, 2), (5, 3), (4, 7), (6, 16)])
+@pytest.mark.parametrize("per_step", [False, True])
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_split_equals_unsplit_float64(monkeypatch, kind, T, N, per_step, input_grad):
+    rng = np.random.default_rng(T * 100 + N)
+    D, H = 3, 5
+    if kind == "lstm":
+        case, c0 = _lstm_case(rng, T, N, D, H, np.float64, per_step)
+        run = lambda: _run_lstm(case, c0, input_grad)  # noqa: E731
+    else:
+        case = _rnn_case(rng, T, N, D, H, np.float64, per_step)
+        run = lambda: _run_rnn(case, kind == "rnn_relu", input_grad)  # noqa: E731
+    _no_split(monkeypatch)
+    ref = run()
+    monkeypatch.setattr(_pool, "SPLIT_MACS", 0)
+    monkeypatch.setattr(_pool, "MIN_ROWS", 1)
+    assert _pool.row_chunks(N, 1) is not None or fastbp.get_num_threads() < 2 or N < 2
+    got = run()
+    assert len(got) == len(ref)
+    for a, r in zip(got, ref):
+        assert a.shape == r.shape and a.dtype == r.dtype
+        np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_split_is_deterministic_and_float32_stays_float32(force_split, kind):
+    rng = np.random.default_rng(0)
+    if kind == "lstm":
+        case, c0 = _lstm_case(rng, 8, 9, 4, 6, np.float32, True)
+        run = lambda: _run_lstm(case, c0, True)  # noqa: E731
+    else:
+        case = _rnn_case(rng, 8, 9, 4, 6, np.float32, True)
+        run = lambda: _run_rnn(case, False, True)  # noqa: E731
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+
+
+def test_row_chunks(monkeypatch):
+    monkeypatch.setattr(_pool, "SPLIT_MACS", 100)
+    monkeypatch.setattr(_pool, "MIN_ROWS", 4)
+    threads = fastbp.get_num_threads()
+    assert _pool.row_chunks(64, 99) is None                 # too little work
+    assert _pool.row_chunks(7, 10 ** 6) is None             # fewer than 2 x MIN_ROWS rows
+    chunks = _pool.row_chunks(9, 10 ** 6)
+    if threads < 2:
+        assert chunks is None
+    else:
+        assert chunks[0][0] == 0 and chunks[-1][1] == 9
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert all(n1 - n0 >= 4 for n0, n1 in chunks)
+    fastbp.set_num_threads(1)
+    try:
+        assert _pool.row_chunks(64, 10 ** 6) is None        # set_num_threads(1): never split
+    finally:
+        fastbp.set_num_threads(threads)
+
+
+def test_an_error_in_a_chunk_is_raised_after_all_chunks_finish():
+    done = []
+
+    def fn(n0, n1):
+        done.append(n0)
+        if n0 == 0:
+            raise ValueError("chunk 0 failed")
+        return n1
+
+    with pytest.raises(ValueError, match="chunk 0 failed"):
+        _pool.run(fn, [(0, 1), (1, 2), (2, 3)])
+    assert sorted(done) == [0, 1, 2]
+    assert _pool.run(lambda a, b: b - a, [(0, 2), (2, 5)]) == [2, 3]
+
+
+def test_layers_use_the_split_and_agree(monkeypatch):
+    """The LSTM/RNN layers through the split path match the unsplit path (float64)."""
+    for layer in (fastbp.LSTM(4, 6, return_sequences=False), fastbp.RNN(4, 6)):
+        model = fastbp.Sequential(layer, fastbp.Dense(6, 3))
+        params = fastbp.init(model, seed=1, dtype=np.float64)
+        x = np.random.default_rng(2).standard_normal((5, 20, 4))
+        res = []
+        for macs, rows in ((1 << 62, 16), (0, 2)):
+            monkeypatch.setattr(_pool, "SPLIT_MACS", macs)
+            monkeypatch.setattr(_pool, "MIN_ROWS", rows)
+            out, cache = fastbp.forward(model, params, x)
+            _, grads = fastbp.backward(model, params, cache, np.ones_like(out))
+            res.append((out, grads))
+        np.testing.assert_allclose(res[0][0], res[1][0], rtol=1e-12, atol=1e-12)
+        for g0, g1 in zip(res[0][1], res[1][1]):
+            for k in g0:
+                np.testing.assert_allclose(g0[k], g1[k], rtol=1e-12, atol=1e-12)

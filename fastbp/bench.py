@@ -322,7 +322,7 @@ def run(workloads, threads, repeat=200, budget=3.0, peers=None, progress=print, 
     rotating from round to round (on a shared machine the process that runs right after
     another one measured up to 30% slower). Each peer's ``median_s`` is then the median of
     its per-round medians, ``rounds_s`` lists them, and ``ratios`` holds fastbp / best
-    peer of each round.
+    peer of each round; ``q25_s``/``q75_s`` are those of the median round.
     """
     peers = peers or available_peers()
     rounds = max(1, int(rounds))
@@ -356,8 +356,10 @@ def _combine(per_round, peers):
             out[peer] = per_round[0][peer]
             continue
         meds = [r["median_s"] for r in ok]
+        mid = ok[int(np.argsort(meds)[(len(meds) - 1) // 2])]     # the median round
         out[peer] = {"median_s": float(np.median(meds)), "rounds_s": meds,
                      "n": sum(r["n"] for r in ok)}
+        out[peer].update({k: mid[k] for k in ("q25_s", "q75_s") if k in mid})
     for r in per_round:
         others = [v["median_s"] for p, v in r.items() if p != "fastbp" and "median_s" in v]
         if "median_s" in r.get("fastbp", {}) and others:

@@ -34,8 +34,8 @@ from numba import prange
 from .. import _blas, _pool
 from .._jit import dual, jit
 from ._math import _wide, fsigmoid, ftanh
-from .rnn import _c, _chunk_weight_grads, _col_blocks, _matmul_into, _proj, _sum_chunks, \
-    _use_blas, _weight_grads
+from .rnn import (_c, _chunk_weight_grads, _col_blocks, _col_sum, _matmul_into, _proj,
+                  _sum_chunks, _use_blas, _weight_grads)
 
 
 # --- the fused element-wise parts, one row (one batch element) at a time ------------------
@@ -122,11 +122,7 @@ def _lstm_cell_backward(x, h, c, c_new, gates, Wx, Wh, dh_new, dc_new):
     dh = np.dot(dz, Wh.T)
     dWx = np.dot(x.T, dz)
     dWh = np.dot(h.T, dz)
-    db = np.zeros(4 * H, dtype=h.dtype)
-    for n in range(N):
-        for j in range(4 * H):
-            db[j] += dz[n, j]
-    return dx, dh, dc, dWx, dWh, db
+    return dx, dh, dc, dWx, dWh, _col_sum(dz)
 
 
 def lstm_cell_forward(x, h, c, Wx, Wh, b):
@@ -245,9 +241,10 @@ def _lstm_backward_rows(x, h0, c0, gates, cs, hs, Wx, WhT, dhs, dhT, dcT, input_
     for t in range(T - 1, -1, -1):
         cprev = c0 if t == 0 else cs[t - 1]
         if per_step:
+            dht = dhs[t, n0:n1]
             for n in range(M):
                 for j in range(H):
-                    gh[n, j] += dhs[t, n0 + n, j]
+                    gh[n, j] += dht[n, j]
         for n in range(M):
             r = n0 + n
             _lstm_grad_row(gates[t, r], cprev[r], cs[t, r], gh[n], gc[n], dz[t, n])

@@ -91,6 +91,16 @@ def _matmul_into(a, B, Bb, tmp, out):
 
 
 @jit(inline="always")
+def _col_sum(a):
+    """Σ over the rows of a (R, G) -> (G,), rows in order (db of a stacked dz)."""
+    s = np.zeros(a.shape[1], dtype=a.dtype)
+    for r in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            s[j] += a[r, j]
+    return s
+
+
+@jit(inline="always")
 def _weight_grads(x, h0, hs, dz, input_grad, Wx):
     """The weight gradients from the stored per-step pre-activation gradients, one GEMM each.
 
@@ -106,10 +116,7 @@ def _weight_grads(x, h0, hs, dz, input_grad, Wx):
     dWh = np.dot(h0.T, dz[0])
     if T > 1:
         dWh += np.dot(hs[:T - 1].reshape((T - 1) * N, H).T, dz[1:].reshape((T - 1) * N, G))
-    db = np.zeros(G, dtype=dz.dtype)
-    for r in range(T * N):
-        for j in range(G):
-            db[j] += dz2[r, j]
+    db = _col_sum(dz2)
     if input_grad:
         dx = np.dot(dz2, Wx.T).reshape(T, N, D)
     else:
@@ -167,11 +174,7 @@ def _rnn_cell_backward(x, h, h_new, Wx, Wh, dh_new, relu):
     dh = np.dot(da, Wh.T)
     dWx = np.dot(x.T, da)
     dWh = np.dot(h.T, da)
-    db = np.zeros(H, dtype=h.dtype)
-    for n in range(N):
-        for j in range(H):
-            db[j] += da[n, j]
-    return dx, dh, dWx, dWh, db
+    return dx, dh, dWx, dWh, _col_sum(da)
 
 
 def rnn_cell_forward(x, h, Wx, Wh, b, relu=False):
@@ -264,10 +267,7 @@ def _chunk_weight_grads(x, h0, hs, dzc, input_grad, Wx, dx, n0, n1):
     if T > 1:
         hp[1:] = hs[:T - 1, n0:n1]
     dWh = np.dot(hp.reshape(T * M, H).T, dz2)
-    db = np.zeros(G, dtype=x.dtype)
-    for r in range(T * M):
-        for j in range(G):
-            db[j] += dz2[r, j]
+    db = _col_sum(dz2)
     if input_grad:
         dx[:, n0:n1] = np.dot(dz2, Wx.T).reshape(T, M, D)
     return dWx, dWh, db
@@ -319,9 +319,10 @@ def _rnn_backward_rows(x, h0, hs, Wx, WhT, dhs, dhT, relu, input_grad, dx, dh0, 
     per_step = dhs.shape[0] == T
     for t in range(T - 1, -1, -1):
         if per_step:
+            dht = dhs[t, n0:n1]
             for n in range(M):
                 for j in range(H):
-                    g[n, j] += dhs[t, n0 + n, j]
+                    g[n, j] += dht[n, j]
         for n in range(M):
             _rnn_grad_row(hs[t, n0 + n], g[n], relu, da[t, n])
         _matmul_into(da[t], WhT, WhTb, tmp, g)

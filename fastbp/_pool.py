@@ -9,9 +9,13 @@ each writing its own rows of shared, preallocated outputs; BLAS is called from t
 threads, never from inside a ``prange``.
 
 ``SPLIT_MACS``: the recurrence's multiply-adds (T·N·H·G) from which the batch is split.
-Measured on the 2-vCPU machine (float32, serial kernel vs 2 chunks; forward + backward):
-2.7 MMAC (T=50, N=16, H=64, RNN) 0.89x ... 26 MMAC (rnn_seq) 0.6x, 105 MMAC (lstm_seq)
-0.6x. ``MIN_ROWS``: each chunk keeps at least this many rows, so its per-step GEMM stays
+Measured on the 2-vCPU machine: a hand-off to a sleeping pool thread costs 70-95 µs, so
+only chunks of about a millisecond pay. The RNN forward recurrence (T=50, H=128) on one
+thread vs two chunks: N=32 0.59 → 0.50 ms, N=64 1.39 → 0.89 ms, N=128 2.92 → 1.65 ms; whole
+training steps in interleaved runs: rnn_seq 2.12 → 1.78 ms, lstm_seq 11.3 → 7.9 ms when the
+machine was quiet, level (±3%) when it was busy. 2^22 puts rnn_seq (26M) and lstm_seq
+(105M) on the split path; the exact crossover was not pinned down on this noisy machine.
+``MIN_ROWS``: each chunk keeps at least this many rows, so its per-step GEMM stays
 efficient. The environment variable ``FASTBP_SPLIT_MACS`` overrides SPLIT_MACS (a huge
 value never splits).
 """

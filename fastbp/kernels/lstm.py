@@ -34,7 +34,7 @@ from numba import prange
 from .. import _blas, _pool
 from .._jit import dual, jit
 from ._math import _wide, fsigmoid, ftanh
-from .rnn import (_c, _chunk_weight_grads, _col_blocks, _col_sum, _matmul_into, _proj,
+from .rnn import (_add_into, _c, _chunk_weight_grads, _col_blocks, _col_sum, _matmul_into, _proj,
                   _sum_chunks, _use_blas, _weight_grads)
 
 
@@ -241,10 +241,7 @@ def _lstm_backward_rows(x, h0, c0, gates, cs, hs, Wx, WhT, dhs, dhT, dcT, input_
     for t in range(T - 1, -1, -1):
         cprev = c0 if t == 0 else cs[t - 1]
         if per_step:
-            dht = dhs[t, n0:n1]
-            for n in range(M):
-                for j in range(H):
-                    gh[n, j] += dht[n, j]
+            _add_into(gh, dhs[t, n0:n1])
         for n in range(M):
             r = n0 + n
             _lstm_grad_row(gates[t, r], cprev[r], cs[t, r], gh[n], gc[n], dz[t, n])

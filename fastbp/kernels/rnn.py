@@ -91,6 +91,14 @@ def _matmul_into(a, B, Bb, tmp, out):
 
 
 @jit(inline="always")
+def _add_into(g, d):
+    """g += d, both (M, H)."""
+    for n in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            g[n, j] += d[n, j]
+
+
+@jit(inline="always")
 def _col_sum(a):
     """Σ over the rows of a (R, G) -> (G,), rows in order (db of a stacked dz)."""
     s = np.zeros(a.shape[1], dtype=a.dtype)
@@ -319,10 +327,7 @@ def _rnn_backward_rows(x, h0, hs, Wx, WhT, dhs, dhT, relu, input_grad, dx, dh0, 
     per_step = dhs.shape[0] == T
     for t in range(T - 1, -1, -1):
         if per_step:
-            dht = dhs[t, n0:n1]
-            for n in range(M):
-                for j in range(H):
-                    g[n, j] += dht[n, j]
+            _add_into(g, dhs[t, n0:n1])
         for n in range(M):
             _rnn_grad_row(hs[t, n0 + n], g[n], relu, da[t, n])
         _matmul_into(da[t], WhT, WhTb, tmp, g)

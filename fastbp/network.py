@@ -2,7 +2,8 @@
 
 ``Sequential(*layers)`` implements the layer protocol itself, so it nests. Its params and
 grads are lists with one entry per layer (a dict, or a list for a nested Sequential).
-A ``Dense`` followed by a ``ReLU`` is run as one fused kernel; the result is identical.
+A ``Dense`` or ``Conv2D`` followed by a ``ReLU`` is run as one fused kernel; the result is
+identical.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import numpy as np
 
 from . import _mlp, _tree
 from ._validate import as_float_array
-from .layers import Dense, Layer, ReLU
+from .layers import Conv2D, Dense, Layer, ReLU
 
 __all__ = ["Sequential", "init", "forward", "backward", "predict", "count_params", "grad_norms"]
 
 _FUSED = _mlp.FUSED
+_FUSES_RELU = (Dense, Conv2D)    # layers whose forward(relu=True) folds in a following ReLU
 
 
 def _accepts_input_grad(layer) -> bool:
@@ -108,7 +110,7 @@ class Sequential(Layer):
         i, n = 0, len(layers)
         while i < n:
             layer = layers[i]
-            if type(layer) is Dense and i + 1 < n and type(layers[i + 1]) is ReLU:
+            if type(layer) in _FUSES_RELU and i + 1 < n and type(layers[i + 1]) is ReLU:
                 x, cache = layer.forward(params[i], x, train=train, rng=rng, relu=True)
                 caches += [cache, _FUSED]
                 i += 2
@@ -133,7 +135,7 @@ class Sequential(Layer):
         grads = [None] * len(self.layers)
         for i in range(len(self.layers) - 1, first - 1, -1):
             layer = self.layers[i]
-            if cache[i] is _FUSED:          # ReLU folded into the Dense before it
+            if cache[i] is _FUSED:          # ReLU folded into the layer before it
                 grads[i] = {}
                 continue
             need_dx = input_grad or i > first

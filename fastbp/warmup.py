@@ -45,7 +45,9 @@ _LAYERS = {
                         ((2, 3, (3, 2)), {"stride": 2, "padding": 1, "bias": False},
                          (2, 2, 7, 6), {}),
                         ((2, 3, 3), {"stride": (1, 2), "padding": (1, 0)}, (1, 2, 6, 7), {}),
-                        # larger calls take other code paths (conv: im2col + GEMM)
+                        # larger calls take other code paths (conv: per-tap GEMMs,
+                        # im2col + GEMM, and for one input channel the flipped-kernel dx)
+                        ((1, 8, 3), {"padding": 1}, (2, 1, 16, 16), {}),
                         ((4, 8, 3), {"padding": 1}, (2, 4, 16, 16), {}),
                         ((4, 8, 3), {"padding": 1}, (2, 4, 16, 16), {"relu": True}),
                         ((4, 8, 3), {"stride": 2, "padding": 1}, (2, 4, 16, 16), {})]),

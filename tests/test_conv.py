@@ -13,7 +13,7 @@ from fastbp.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU
 import naive
 from fd import central_diff
 
-METHODS = ["direct", "gemm"]
+METHODS = ["direct", "gemm", "tap"]    # "tap" falls back to "gemm" for stride > 1
 
 # (stride, padding, kernel) grid; C, F, N and the input size vary along it so that every
 # channel count 1..5, batch 1 and > 1, square and non-square inputs all appear.
@@ -231,12 +231,89 @@ def test_non_contiguous_input(rng):
     np.testing.assert_allclose(y, naive.conv2d(x, params["W"], params["b"]), rtol=1e-12)
 
 
-def test_choose_method():
+def test_choose_method(monkeypatch):
     big = 10 * K.DIRECT_MAX_WORK
     assert K.choose_method(64, (2, 2), K.DIRECT_MAX_WORK - 1) == "direct"
-    assert K.choose_method(64, (1, 1), big) == "gemm"
+    assert K.choose_method(64, (1, 1), big) == ("tap" if K._cblas.available else "gemm")
+    assert K.choose_method(64, (2, 1), big) == "gemm"
     assert K.choose_method(1, (1, 1), big) == "direct"
     assert K.choose_method(1, (2, 1), big) == "gemm"
+    monkeypatch.setattr(K._cblas, "available", False)        # SciPy without OpenBLAS CBLAS
+    assert K.choose_method(64, (1, 1), big) == "gemm"
+    assert K.choose_backward(64, (1, 1), big) == ("gemm", "gemm")
+
+
+# ---------------------------------------------------------------- per-tap GEMMs
+TAP_CASES = [  # N, C, H, W, F, KH, KW, ph, pw
+    (3, 4, 7, 6, 5, 3, 2, 1, 0), (5, 2, 5, 5, 3, 3, 3, 2, 2), (1, 1, 4, 4, 1, 1, 1, 0, 0),
+    (7, 3, 9, 8, 4, 5, 3, 0, 1), (4, 6, 6, 6, 3, 3, 3, 4, 3), (2, 3, 3, 8, 2, 3, 8, 0, 0)]
+
+
+@pytest.mark.skipif(not K._cblas.available, reason="SciPy's BLAS has no scipy_cblas_*gemm")
+@pytest.mark.parametrize("case", TAP_CASES, ids=str)
+@pytest.mark.parametrize("group", [1, 1 << 17], ids=["one-sample-groups", "big-groups"])
+@pytest.mark.parametrize("split", [False, True])
+def test_tap_matches_naive(case, group, split, rng, monkeypatch):
+    """Per-tap GEMMs (also with padding >= kernel, groups of samples and the batch split
+    over threads) give the plain-loop numbers: y, fused ReLU, dx, dW, db."""
+    N, C, H, Wd, F, KH, KW, ph, pw = case
+    monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", group)
+    monkeypatch.setattr(K, "SPLIT_MACS", 0 if split else 1 << 62)
+    x = rng.standard_normal((N, C, H, Wd))
+    Wt = rng.standard_normal((F, C, KH, KW))
+    b = rng.standard_normal(F)
+    yr = naive.conv2d(x, Wt, b, 1, (ph, pw))
+    dy = rng.standard_normal(yr.shape)
+    y = K.conv2d_forward(x, Wt, b, 1, (ph, pw), True, "tap")
+    np.testing.assert_allclose(y, np.maximum(yr, 0), rtol=1e-12, atol=1e-12)
+    ref = naive.conv2d_backward_direct(x, Wt, dy * (yr > 0), 1, (ph, pw))
+    got = K.conv2d_backward(x, Wt, dy, 1, (ph, pw), True, True, y, "tap")
+    for a, r in zip(got, ref):
+        np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-12)
+    dx, dW, db = K.conv2d_backward(x, Wt, dy, 1, (ph, pw), False, False, None, "tap")
+    assert dx is None and db.shape == (0,)
+    np.testing.assert_allclose(dW, naive.conv2d_backward_direct(x, Wt, dy, 1, (ph, pw))[1],
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not K._cblas.available, reason="SciPy's BLAS has no scipy_cblas_*gemm")
+def test_tap_split_deterministic_and_float32(rng, monkeypatch):
+    """With the batch split over threads, repeated calls are bitwise identical, float32
+    stays float32 and agrees with float64."""
+    monkeypatch.setattr(K, "SPLIT_MACS", 0)
+    x = rng.standard_normal((6, 8, 10, 9))
+    Wt = rng.standard_normal((5, 8, 3, 3))
+    b = rng.standard_normal(5)
+    dy = rng.standard_normal((6, 5, 10, 9))
+    f = np.float32
+    x32, W32, b32, dy32 = x.astype(f), Wt.astype(f), b.astype(f), dy.astype(f)
+    runs = []
+    for _ in range(3):
+        y = K.conv2d_forward(x32, W32, b32, 1, 1, True, "tap")
+        runs.append((y,) + K.conv2d_backward(x32, W32, dy32, 1, 1, True, True, y, "tap"))
+    for other in runs[1:]:
+        for a, r in zip(other, runs[0]):
+            np.testing.assert_array_equal(a, r)
+    assert all(a.dtype == f for a in runs[0])
+    y64 = K.conv2d_forward(x, Wt, b, 1, 1, True, "tap")
+    g64 = K.conv2d_backward(x, Wt, dy, 1, 1, True, True, y64, "tap")
+    for a, r in zip(runs[0], (y64,) + g64):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+
+
+def test_sequential_fuses_conv_relu(rng):
+    """Conv2D + ReLU in a Sequential run as one fused kernel, with the same numbers."""
+    model = fastbp.Sequential(Conv2D(2, 3, 3, padding=1), ReLU(), Flatten(), Dense(48, 2))
+    params = fastbp.init(model, seed=0, dtype=np.float64)
+    x = rng.standard_normal((2, 2, 4, 4))
+    out, cache = fastbp.forward(model, params, x)
+    assert cache[1] is fastbp.network._FUSED
+    h, _ = model.layers[0].forward(params[0], x)
+    h, _ = model.layers[1].forward(params[1], h)
+    ref, _ = model.layers[3].forward(params[3], h.reshape(2, -1))
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    rep = gradcheck(model, params, x, np.array([0, 1]), losses.softmax_cross_entropy)
+    assert rep.passed(1e-6), str(rep)
 
 
 def test_scratch_reuse_across_shapes_and_dtypes(rng):

@@ -42,7 +42,7 @@ import threading
 import numpy as np
 from numba import prange
 
-from .. import _blas
+from .. import _blas, _cblas, _pool, config
 from .._jit import dual, jit
 
 # Algorithm choice, measured single-threaded on the 2-vCPU dev machine (asv_benchmarks/
@@ -57,6 +57,12 @@ FLIPPED_DX_GEMM = True          # stride-1 GEMM dx: flipped-kernel im2col (True)
 # between packing and its GEMM, and chunks stay few (each costs ~5 kernel launches).
 # 2^17 .. 2^23 measured within noise of each other on the busy 2-vCPU dev machine.
 CHUNK_ELEMENTS = 1 << 21
+# Per-tap GEMMs (stride 1, CBLAS): from this many input channels (measured below).
+TAP_MIN_CHANNELS = 2
+# scratch entries per group of samples (packed input + output grid), sized to stay in L2
+TAP_GROUP_ELEMENTS = 1 << 17
+# multiply-adds from which a conv call splits its samples over fastbp's Python threads
+SPLIT_MACS = 1 << 23
 
 
 def out_size(H, Wd, KH, KW, sh, sw, ph, pw):
@@ -515,24 +521,182 @@ def _gemm(a, b, out):
     gemm(a, b, out)
 
 
+# ---------------------------------------------------------------------------- per-tap GEMMs
+# Stride 1 with many input channels: no im2col at all. On a sample's zero-padded planes
+# flattened channel-major (xg (C, S), S = Hp·Wp), output pixel u = i·Wp + j reads
+# xg[:, u + p·Wp + q] at tap (p, q), so each tap is one GEMM on a window of xg whose rows
+# are k·S apart (CBLAS leading dimensions), accumulated in place (beta = 1):
+#   forward  t[:, u]         += W[:, :, p, q] · xg[:, u + off]      (F×C)·(C×L)
+#   dW[:, :, p, q]           += dzg · xg[:, off:off + L]ᵀ            (F×L)·(L×C)
+#   dxg[:, u + off]          += W[:, :, p, q]ᵀ · dzg[:, u]           (C×F)·(F×L)
+# with off = p·Wp + q and dzg the output gradient on the same Wp-wide grid (zero in the
+# columns j ≥ OW and rows i ≥ OH, so those junk positions add nothing). The last line is
+# the scatter form of the flipped-kernel identity. Groups of samples are packed side by
+# side (column offset kk·S), each group small enough to stay in L2 with its GEMMs.
+@jit(inline="always")
+def _tap_pack(x, ph, pw, s, k, xg):
+    """xg (C, k·S): samples s .. s+k−1 of x zero-padded by (ph, pw), channel-major:
+    xg[c, kk·S + h·Wp + w] = xp[s+kk, c, h, w], S = Hp·Wp."""
+    _, C, H, Wd = x.shape
+    Hp, Wp = H + 2 * ph, Wd + 2 * pw
+    S = Hp * Wp
+    zero = xg.dtype.type(0)
+    for c in range(C):
+        row = xg[c]
+        for kk in range(k):
+            o = kk * S
+            for u in range(o, o + ph * Wp):
+                row[u] = zero
+            for h in range(H):
+                r = o + (h + ph) * Wp
+                for w in range(pw):
+                    row[r + w] = zero
+                src = x[s + kk, c, h]
+                for w in range(Wd):
+                    row[r + pw + w] = src[w]
+                for w in range(pw + Wd, Wp):
+                    row[r + w] = zero
+            for u in range(o + (ph + H) * Wp, o + S):
+                row[u] = zero
+
+
+@jit
+def _tap_forward_rows(x, Wr, b, ph, pw, relu, n0, n1, g, xbuf, tbuf, y):
+    """y[n0:n1] by per-tap GEMMs, g samples at a time.
+
+    x (N, C, H, W), Wr (KH, KW, F, C) = W transposed, b (F,) or (0,), y (N, F, OH, OW)
+    output; xbuf, tbuf flat scratch of at least C·g·S and F·g·S entries.
+    y[n,f,i,j] = b[f] + Σ_p,q Σ_c Wr[p,q,f,c]·xp[n,c,i+p,j+q], then max(·, 0) if ``relu``.
+    """
+    _, C, H, Wd = x.shape
+    KH, KW, F, _ = Wr.shape
+    OH, OW = y.shape[2], y.shape[3]
+    Wp = Wd + 2 * pw
+    S = (H + 2 * ph) * Wp
+    L = (OH - 1) * Wp + OW
+    zero = y.dtype.type(0)
+    has_bias = b.shape[0] > 0
+    for s in range(n0, n1, g):
+        k = min(g, n1 - s)
+        xg = xbuf[:C * k * S].reshape(C, k * S)
+        t = tbuf[:F * k * S].reshape(F, k * S)
+        _tap_pack(x, ph, pw, s, k, xg)
+        Lg = (k - 1) * S + L
+        for p in range(KH):
+            for q in range(KW):
+                beta = 0 if p == 0 and q == 0 else 1
+                _cblas.gemm(False, False, F, Lg, C, Wr, (p * KW + q) * F * C, C,
+                            xg, p * Wp + q, k * S, beta, t, 0, k * S)
+        for kk in range(k):
+            for f in range(F):
+                b0 = b[f] if has_bias else zero
+                for i in range(OH):
+                    src = t[f, kk * S + i * Wp:kk * S + i * Wp + OW]
+                    dst = y[s + kk, f, i]
+                    if relu:
+                        for j in range(OW):
+                            v = src[j] + b0
+                            dst[j] = v if not v < zero else zero
+                    else:
+                        for j in range(OW):
+                            dst[j] = src[j] + b0
+
+
+@jit
+def _tap_backward_rows(x, Wr, dy, y, relu, ph, pw, n0, n1, g, input_grad,
+                       xbuf, zbuf, dbuf, dWr, db, dx):
+    """Gradients of samples n0:n1 by per-tap GEMMs, g samples at a time.
+
+    x (N, C, H, W), Wr (KH, KW, F, C), dy and y (N, F, OH, OW) (y read only when ``relu``:
+    dz = dy ⊙ [y > 0], else dz = dy). Accumulates dWr (KH, KW, F, C) += Σ_n dz ⋆ xp and
+    db (F,) or (0,) += Σ_n,i,j dz; when ``input_grad`` writes dx[n0:n1] (N, C, H, W),
+    the flipped-kernel correlation of dz in its scatter form. xbuf, zbuf, dbuf: flat
+    scratch of at least C·g·S, F·g·S and C·g·S entries.
+    """
+    _, C, H, Wd = x.shape
+    KH, KW, F, _ = Wr.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    Wp = Wd + 2 * pw
+    S = (H + 2 * ph) * Wp
+    L = (OH - 1) * Wp + OW
+    zero = dy.dtype.type(0)
+    has_bias = db.shape[0] > 0
+    acc = np.zeros(OW, dtype=dy.dtype)
+    for s in range(n0, n1, g):
+        k = min(g, n1 - s)
+        xg = xbuf[:C * k * S].reshape(C, k * S)
+        zg = zbuf[:F * k * S].reshape(F, k * S)
+        _tap_pack(x, ph, pw, s, k, xg)
+        for f in range(F):
+            row = zg[f]
+            row[:] = zero
+            acc[:] = zero
+            for kk in range(k):
+                for i in range(OH):
+                    o = kk * S + i * Wp
+                    src = dy[s + kk, f, i]
+                    if relu:
+                        ys = y[s + kk, f, i]
+                        for j in range(OW):
+                            row[o + j] = src[j] if ys[j] > zero else zero
+                    else:
+                        for j in range(OW):
+                            row[o + j] = src[j]
+                    for j in range(OW):
+                        acc[j] += row[o + j]
+            if has_bias:
+                tot = zero
+                for j in range(OW):
+                    tot += acc[j]
+                db[f] += tot
+        Lg = (k - 1) * S + L
+        for p in range(KH):
+            for q in range(KW):
+                _cblas.gemm(False, True, F, C, Lg, zg, 0, k * S, xg, p * Wp + q, k * S, 1,
+                            dWr, (p * KW + q) * F * C, C)
+        if input_grad:
+            dg = dbuf[:C * k * S].reshape(C, k * S)
+            dg[:, :] = zero
+            for p in range(KH):
+                for q in range(KW):
+                    _cblas.gemm(True, False, C, Lg, F, Wr, (p * KW + q) * F * C, C,
+                                zg, 0, k * S, 1, dg, p * Wp + q, k * S)
+            for c in range(C):
+                for kk in range(k):
+                    for h in range(H):
+                        o = kk * S + (h + ph) * Wp + pw
+                        dst = dx[s + kk, c, h]
+                        for w in range(Wd):
+                            dst[w] = dg[c, o + w]
+
+
 # ---------------------------------------------------------------------------- entry points
 def _pair(v):
     return (v, v) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
 
 
 def choose_method(C, stride, work):
-    """``"direct"`` for stride 1 with at most DIRECT_MAX_CHANNELS input channels, or when the
-    forward work 2·N·F·OH·OW·C·KH·KW is below DIRECT_MAX_WORK; else ``"gemm"``."""
-    if work < DIRECT_MAX_WORK or (C <= DIRECT_MAX_CHANNELS and tuple(stride) == (1, 1)):
+    """``"direct"`` when the forward work 2·N·F·OH·OW·C·KH·KW is below DIRECT_MAX_WORK;
+    for stride 1 ``"tap"`` from TAP_MIN_CHANNELS input channels (when SciPy's CBLAS is
+    there), else ``"direct"`` up to DIRECT_MAX_CHANNELS; otherwise ``"gemm"``."""
+    if work < DIRECT_MAX_WORK:
         return "direct"
+    if tuple(stride) == (1, 1):
+        if C >= TAP_MIN_CHANNELS and _cblas.available:
+            return "tap"
+        if C <= DIRECT_MAX_CHANNELS:
+            return "direct"
     return "gemm"
 
 
 def choose_backward(C, stride, work):
-    """(method for dW, method for dx): dW ``"direct"`` for stride 1 with at most
-    DIRECT_DW_MAX_CHANNELS input channels, dx ``"gemm"``, both ``"direct"`` when tiny."""
+    """(method for dW, method for dx): both ``"direct"`` when tiny, both ``"tap"`` where
+    ``choose_method`` picks it, else dW ``"direct"`` for stride 1 with at most
+    DIRECT_DW_MAX_CHANNELS input channels and dx ``"gemm"``."""
     if work < DIRECT_MAX_WORK:
         return "direct", "direct"
+    if choose_method(C, stride, work) == "tap":
+        return "tap", "tap"
     if C <= DIRECT_DW_MAX_CHANNELS and tuple(stride) == (1, 1):
         return "direct", "gemm"
     return "gemm", "gemm"
@@ -567,12 +731,89 @@ def _chunk(N, rows, P):
     return -(-N // nchunks)
 
 
+def _tap_plan(x_shape, F, KH, KW, ph, pw):
+    """(S, g): padded plane size and samples per group (TAP_GROUP_BYTES of scratch)."""
+    N, C, H, Wd = x_shape
+    S = (H + 2 * ph) * (Wd + 2 * pw)
+    g = max(1, min(N, TAP_GROUP_ELEMENTS // max(1, (C + F) * S)))
+    return S, g
+
+
+def tap_usable(C, F, H, Wd, stride, padding):
+    """Per-tap GEMMs need stride 1, SciPy's CBLAS and int32-sized windows (any padding)."""
+    ph, pw = padding
+    return (tuple(stride) == (1, 1) and _cblas.available
+            and _cblas.fits((C + F) * (H + 2 * ph) * (Wd + 2 * pw)))
+
+
+def _sample_chunks(N, macs):
+    """Sample ranges for the Python threads (``fastbp._pool``), or [(0, N)] when small."""
+    k = min(config.get_num_threads(), N)
+    if k < 2 or macs < SPLIT_MACS:
+        return [(0, N)]
+    bounds = [N * i // k for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _run_chunks(fn, chunks):
+    if len(chunks) == 1:
+        return [fn(*chunks[0])]
+    return _pool.run(fn, chunks)
+
+
+def _tap_forward(x, W, b, ph, pw, relu, y):
+    N, C, H, Wd = x.shape
+    F, _, KH, KW = W.shape
+    OH, OW = y.shape[2], y.shape[3]
+    S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
+    Wr = np.ascontiguousarray(W.transpose(2, 3, 0, 1))
+
+    def run(n0, n1):
+        _blas.use_for(0)
+        gg = min(g, n1 - n0)
+        xbuf = _workspace("tap_x", C * gg * S, x.dtype)
+        tbuf = _workspace("tap_t", F * gg * S, x.dtype)
+        _tap_forward_rows(x, Wr, b, ph, pw, relu, n0, n1, gg, xbuf, tbuf, y)
+    _run_chunks(run, _sample_chunks(N, N * F * OH * OW * C * KH * KW))
+
+
+def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
+    N, C, H, Wd = x.shape
+    F, _, KH, KW = W.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
+    Wr = np.ascontiguousarray(W.transpose(2, 3, 0, 1))
+    relu = y is not None
+    yy = y if relu else dy
+    dxo = dx if input_grad else np.empty((0, 1, 1, 1), dtype=x.dtype)
+
+    def run(n0, n1):
+        _blas.use_for(0)
+        gg = min(g, n1 - n0)
+        xbuf = _workspace("tap_x", C * gg * S, x.dtype)
+        zbuf = _workspace("tap_t", F * gg * S, x.dtype)
+        dbuf = _workspace("tap_d", C * gg * S if input_grad else 0, x.dtype)
+        dWr = np.zeros((KH, KW, F, C), dtype=x.dtype)
+        dbp = np.zeros(db.shape[0], dtype=x.dtype)
+        _tap_backward_rows(x, Wr, dy, yy, relu, ph, pw, n0, n1, gg, input_grad,
+                           xbuf, zbuf, dbuf, dWr, dbp, dxo)
+        return dWr, dbp
+    parts = _run_chunks(run, _sample_chunks(N, N * F * OH * OW * C * KH * KW))
+    dWr, dbp = parts[0]
+    for a, bb in parts[1:]:                     # in chunk order: deterministic
+        dWr += a
+        dbp += bb
+    dW[...] = dWr.transpose(2, 3, 0, 1)
+    db[...] = dbp
+
+
 def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto"):
     """Conv2D forward: a cross-correlation with bias (see the module docstring).
 
     x (N, C, H, W) C-contiguous, W (F, C, KH, KW) C-contiguous, b (F,) or (0,) for no bias,
     all of one float dtype; stride, padding: int or (h, w). ``relu`` applies max(·, 0) to
-    the output (fused). method: ``"auto"``, ``"direct"`` or ``"gemm"``.
+    the output (fused). method: ``"auto"``, ``"direct"``, ``"gemm"`` or ``"tap"`` (stride 1
+    only; falls back to ``"gemm"`` elsewhere).
     Returns y (N, F, OH, OW) = b + Σ_c,p,q W[f,c,p,q]·xp[n,c,i·sh+p,j·sw+q].
     Checks are the caller's job (the Conv2D layer validates shapes and dtypes).
     """
@@ -586,6 +827,11 @@ def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto"):
     if method == "auto":
         method = choose_method(C, (sh, sw), 2 * N * F * P * R)
     if N == 0 or F == 0 or P == 0:
+        return y
+    if method == "tap" and not tap_usable(C, F, H, Wd, (sh, sw), (ph, pw)):
+        method = "gemm"
+    if method == "tap":
+        _tap_forward(x, W, b, ph, pw, relu, y)
         return y
     if method == "direct":
         if sh == sw == 1:
@@ -681,6 +927,11 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
     if N == 0 or F == 0 or P == 0:
         if dx is not None:
             dx[...] = 0
+        return dx, dW, db
+    if wm == "tap" and not tap_usable(C, F, H, Wd, (sh, sw), (ph, pw)):
+        wm = xm = "gemm"
+    if wm == "tap":
+        _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx)
         return dx, dW, db
     if wm == "direct" or (input_grad and xm == "direct"):
         if relu:

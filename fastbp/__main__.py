@@ -20,7 +20,7 @@ def cmd_info(args):
     import scipy
 
     import fastbp as F
-    from fastbp import _malloc, config
+    from fastbp import _blas, _malloc, config
     from fastbp.kernels.activations import relu_forward
 
     z = np.zeros(4, np.float32)
@@ -46,6 +46,9 @@ def cmd_info(args):
         ("BLAS (kernels, scipy)", _scipy_blas()),
         ("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "-") +
          (" (set by user)" if config.USER_SET_WAIT_POLICY else " (set by fastbp)")),
+        ("OPENBLAS_THREAD_TIMEOUT", f"{_blas.thread_timeout()} in force (2^n cycles; "
+                                    + ("set by user)" if config.USER_SET_BLAS_TIMEOUT
+                                       else "fastbp asks for 16)")),
         ("malloc", _malloc.state),
         ("cache dir", f"{config.CACHE_DIR or '-'} ({config.CACHE_SOURCE})"),
     ]

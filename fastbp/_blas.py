@@ -47,6 +47,20 @@ def _load():
 _set_local, library, max_threads = _load()
 
 
+def thread_timeout():
+    """log2 of the cycles OpenBLAS's idle workers spin before sleeping (the
+    OPENBLAS_THREAD_TIMEOUT in force when SciPy's OpenBLAS loaded), or None if unknown."""
+    if library is None:
+        return None
+    try:
+        fn = ctypes.CDLL(library).openblas_thread_timeout
+    except (OSError, AttributeError):  # pragma: no cover - other OpenBLAS builds
+        return None
+    fn.argtypes, fn.restype = [], ctypes.c_int
+    n = int(fn())                      # the variable as read; 0 = unset (OpenBLAS uses 28)
+    return 28 if n <= 0 else min(30, max(4, n))
+
+
 def set_max_threads(n: int) -> None:
     """BLAS threads for large GEMMs (default: OpenBLAS's own count at import)."""
     global max_threads

@@ -14,7 +14,7 @@ Environment variables (all optional):
     a huge number always runs serial.
 ``FASTBP_MALLOC``
     ``default`` leaves glibc's malloc settings alone (see ``fastbp/_malloc.py``).
-``OMP_WAIT_POLICY`` / ``NUMBA_THREADING_LAYER`` / ``NUMBA_CACHE_DIR`` / ``NUMBA_NUM_THREADS``
+``OMP_WAIT_POLICY`` / ``OPENBLAS_THREAD_TIMEOUT`` / ``NUMBA_THREADING_LAYER`` / ``NUMBA_CACHE_DIR`` / ``NUMBA_NUM_THREADS``
     Respected when set. fastbp only fills in defaults for the ones left unset.
 """
 from __future__ import annotations
@@ -32,6 +32,16 @@ import tempfile
 USER_SET_WAIT_POLICY = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
 if not USER_SET_WAIT_POLICY:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+# OpenBLAS's own idle workers spin for 2^OPENBLAS_THREAD_TIMEOUT cycles after a threaded
+# GEMM (default 2^28, about 0.1 s) before they sleep. Meanwhile they take the cores that
+# fastbp's Python-thread batch splits (conv, RNN/LSTM) run on: a cnn_cifar step, whose
+# dense head runs a 2-thread GEMM, took 42-50 ms with the default and 22-27 ms with 2^16
+# cycles (~25 µs); rnn_seq 3.4-3.8 vs 2.1-2.5 ms; the MLP steps within noise. OpenBLAS
+# reads the variable when it loads, so this only takes effect when fastbp is imported
+# before anything loads SciPy's BLAS (``fastbp info`` shows the value in force).
+USER_SET_BLAS_TIMEOUT = "OPENBLAS_THREAD_TIMEOUT" in os.environ
+if not USER_SET_BLAS_TIMEOUT:
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = "16"
 
 import numba  # noqa: E402  (after the environment is prepared)
 

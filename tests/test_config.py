@@ -15,7 +15,7 @@ from fastbp import config
 def run_py(code, **env):
     full = dict(os.environ)
     for k in ("FASTBP_PARALLEL_THRESHOLD", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
-              "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR"):
+              "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR", "OPENBLAS_THREAD_TIMEOUT"):
         full.pop(k, None)
     full.update(env)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full,
@@ -126,6 +126,20 @@ def test_wait_policy_respects_user(env):
     assert got["policy"] == env.get("OMP_WAIT_POLICY")
 
 
+@pytest.mark.skipif(fastbp._blas.library is None, reason="SciPy's BLAS is not OpenBLAS")
+def test_openblas_thread_timeout_short_unless_user_set():
+    """OpenBLAS reads the spin time when it loads: fastbp's 2^16 cycles, the user's value
+    when set, and OpenBLAS's own 28 when SciPy's BLAS was loaded before fastbp."""
+    code = "import fastbp._blas as b; print(b.thread_timeout())"
+    for env, want in (({}, 16), ({"OPENBLAS_THREAD_TIMEOUT": "20"}, 20)):
+        p = run_py(code, **env)
+        assert p.returncode == 0, p.stderr
+        assert int(p.stdout.split()[-1]) == want, (env, p.stdout)
+    p = run_py("import scipy.linalg; " + code)
+    assert p.returncode == 0, p.stderr
+    assert int(p.stdout.split()[-1]) == 28
+
+
 def test_threading_layer_threadsafe_unless_user_set():
     assert probe()["layer"] == "threadsafe"
     assert probe(NUMBA_THREADING_LAYER="workqueue")["layer"] == "workqueue"
@@ -150,7 +164,7 @@ def test_info_prints_everything():
     assert p.returncode == 0, p.stderr
     out = p.stdout
     for key in ("numba", "numpy", "scipy", "threading layer", "threads", "BLAS", "cache dir",
-                "OMP_WAIT_POLICY", "parallel thresholds"):
+                "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "parallel thresholds"):
         assert key in out, key
     for fam in config.DEFAULT_THRESHOLDS:
         assert f"  {fam} " in out

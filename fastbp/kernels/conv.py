@@ -522,27 +522,31 @@ def _gemm(a, b, out):
 
 
 # ---------------------------------------------------------------------------- per-tap GEMMs
-# Stride 1 with many input channels: no im2col at all. On a sample's zero-padded planes
-# flattened channel-major (xg (C, S), S = Hp·Wp), output pixel u = i·Wp + j reads
-# xg[:, u + p·Wp + q] at tap (p, q), so each tap is one GEMM on a window of xg whose rows
-# are k·S apart (CBLAS leading dimensions), accumulated in place (beta = 1):
-#   forward  t[:, u]         += W[:, :, p, q] · xg[:, u + off]      (F×C)·(C×L)
-#   dW[:, :, p, q]           += dzg · xg[:, off:off + L]ᵀ            (F×L)·(L×C)
-#   dxg[:, u + off]          += W[:, :, p, q]ᵀ · dzg[:, u]           (C×F)·(F×L)
-# with off = p·Wp + q and dzg the output gradient on the same Wp-wide grid (zero in the
-# columns j ≥ OW and rows i ≥ OH, so those junk positions add nothing). The last line is
-# the scatter form of the flipped-kernel identity. Groups of samples are packed side by
-# side (column offset kk·S), each group small enough to stay in L2 with its GEMMs.
+# Stride 1: no im2col. On a sample's zero-padded planes flattened channel-major (xg (C, S),
+# S = Hp·Wp), output pixel u = i·Wp + j reads xg[:, u + p·Wp + q] at tap (p, q), so each
+# tap is a GEMM on a window of xg (CBLAS leading dimensions), accumulated in place. The
+# KW taps of one kernel row are merged into one GEMM with K = KW·C by packing KW shifted
+# copies of the planes, xs[q·C + c, v] = xg[c, v + q]; with Wk[p] (F, KW·C),
+# Wk[p][f, q·C + c] = W[f, c, p, q] and off = p·Wp:
+#   forward  t[:, u]             += Wk[p] · xs[:, u + off]            (F×KW·C)·(KW·C×L)
+#   dWk[p]                       += dzg · xs[:, off:off + L]ᵀ          (F×L)·(L×KW·C)
+#   ds[:, u + off]               += Wk[p]ᵀ · dzg[:, u]                 (KW·C×F)·(F×L)
+#   dxg[c, v]                     = Σ_q ds[q·C + c, v − q]
+# dzg is the output gradient on the same Wp-wide grid, zero in the columns j ≥ OW and rows
+# i ≥ OH, so those junk positions add nothing; the ds lines are the scatter form of the
+# flipped-kernel identity. Groups of samples sit side by side (column offset kk·S), each
+# group small enough to stay in L2 with its GEMMs.
 @jit(inline="always")
-def _tap_pack(x, ph, pw, s, k, xg):
-    """xg (C, k·S): samples s .. s+k−1 of x zero-padded by (ph, pw), channel-major:
-    xg[c, kk·S + h·Wp + w] = xp[s+kk, c, h, w], S = Hp·Wp."""
+def _tap_pack(x, ph, pw, s, k, KW, xs):
+    """xs (KW·C, k·S): samples s .. s+k−1 of x zero-padded by (ph, pw), channel-major and
+    shifted: xs[q·C + c, kk·S + v] = xp[s+kk, c].flat[v + q] (0 past the group's end)."""
     _, C, H, Wd = x.shape
     Hp, Wp = H + 2 * ph, Wd + 2 * pw
     S = Hp * Wp
-    zero = xg.dtype.type(0)
+    T = k * S
+    zero = xs.dtype.type(0)
     for c in range(C):
-        row = xg[c]
+        row = xs[c]
         for kk in range(k):
             o = kk * S
             for u in range(o, o + ph * Wp):
@@ -558,35 +562,41 @@ def _tap_pack(x, ph, pw, s, k, xg):
                     row[r + w] = zero
             for u in range(o + (ph + H) * Wp, o + S):
                 row[u] = zero
+        for q in range(1, KW):
+            dst = xs[q * C + c]
+            for v in range(T - q):
+                dst[v] = row[v + q]
+            for v in range(T - q, T):
+                dst[v] = zero
 
 
 @jit
-def _tap_forward_rows(x, Wr, b, ph, pw, relu, n0, n1, g, xbuf, tbuf, y):
-    """y[n0:n1] by per-tap GEMMs, g samples at a time.
+def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, xbuf, tbuf, y):
+    """y[n0:n1] by per-kernel-row GEMMs, g samples at a time.
 
-    x (N, C, H, W), Wr (KH, KW, F, C) = W transposed, b (F,) or (0,), y (N, F, OH, OW)
-    output; xbuf, tbuf flat scratch of at least C·g·S and F·g·S entries.
-    y[n,f,i,j] = b[f] + Σ_p,q Σ_c Wr[p,q,f,c]·xp[n,c,i+p,j+q], then max(·, 0) if ``relu``.
+    x (N, C, H, W), Wk (KH, F, KW, C) = W transposed (Wk[p, f, q, c] = W[f, c, p, q]),
+    b (F,) or (0,), y (N, F, OH, OW) output; xbuf, tbuf flat scratch of at least KW·C·g·S
+    and F·g·S entries.
+    y[n,f,i,j] = b[f] + Σ_p,q Σ_c W[f,c,p,q]·xp[n,c,i+p,j+q], then max(·, 0) if ``relu``.
     """
     _, C, H, Wd = x.shape
-    KH, KW, F, _ = Wr.shape
+    KH, F, KW, _ = Wk.shape
     OH, OW = y.shape[2], y.shape[3]
     Wp = Wd + 2 * pw
     S = (H + 2 * ph) * Wp
     L = (OH - 1) * Wp + OW
+    R = KW * C
     zero = y.dtype.type(0)
     has_bias = b.shape[0] > 0
     for s in range(n0, n1, g):
         k = min(g, n1 - s)
-        xg = xbuf[:C * k * S].reshape(C, k * S)
+        xs = xbuf[:R * k * S].reshape(R, k * S)
         t = tbuf[:F * k * S].reshape(F, k * S)
-        _tap_pack(x, ph, pw, s, k, xg)
+        _tap_pack(x, ph, pw, s, k, KW, xs)
         Lg = (k - 1) * S + L
         for p in range(KH):
-            for q in range(KW):
-                beta = 0 if p == 0 and q == 0 else 1
-                _cblas.gemm(False, False, F, Lg, C, Wr, (p * KW + q) * F * C, C,
-                            xg, p * Wp + q, k * S, beta, t, 0, k * S)
+            _cblas.gemm(False, False, F, Lg, R, Wk, p * F * R, R,
+                        xs, p * Wp, k * S, 0 if p == 0 else 1, t, 0, k * S)
         for kk in range(k):
             for f in range(F):
                 b0 = b[f] if has_bias else zero
@@ -603,30 +613,32 @@ def _tap_forward_rows(x, Wr, b, ph, pw, relu, n0, n1, g, xbuf, tbuf, y):
 
 
 @jit
-def _tap_backward_rows(x, Wr, dy, y, relu, ph, pw, n0, n1, g, input_grad,
-                       xbuf, zbuf, dbuf, dWr, db, dx):
-    """Gradients of samples n0:n1 by per-tap GEMMs, g samples at a time.
+def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
+                       xbuf, zbuf, dbuf, dWk, db, dx):
+    """Gradients of samples n0:n1 by per-kernel-row GEMMs, g samples at a time.
 
-    x (N, C, H, W), Wr (KH, KW, F, C), dy and y (N, F, OH, OW) (y read only when ``relu``:
-    dz = dy ⊙ [y > 0], else dz = dy). Accumulates dWr (KH, KW, F, C) += Σ_n dz ⋆ xp and
-    db (F,) or (0,) += Σ_n,i,j dz; when ``input_grad`` writes dx[n0:n1] (N, C, H, W),
-    the flipped-kernel correlation of dz in its scatter form. xbuf, zbuf, dbuf: flat
-    scratch of at least C·g·S, F·g·S and C·g·S entries.
+    x (N, C, H, W), Wk (KH, F, KW, C), dy and y (N, F, OH, OW) (y read only when ``relu``:
+    dz = dy ⊙ [y > 0], else dz = dy). Accumulates dWk (KH, F, KW, C) += Σ_n dz ⋆ xp (so
+    dWk[p, f, q, c] is dW[f, c, p, q]) and db (F,) or (0,) += Σ_n,i,j dz; when
+    ``input_grad`` writes dx[n0:n1] (N, C, H, W), the flipped-kernel correlation of dz in
+    its scatter form. xbuf, zbuf, dbuf: flat scratch of at least KW·C·g·S, F·g·S and
+    KW·C·g·S entries.
     """
     _, C, H, Wd = x.shape
-    KH, KW, F, _ = Wr.shape
+    KH, F, KW, _ = Wk.shape
     OH, OW = dy.shape[2], dy.shape[3]
     Wp = Wd + 2 * pw
     S = (H + 2 * ph) * Wp
     L = (OH - 1) * Wp + OW
+    R = KW * C
     zero = dy.dtype.type(0)
     has_bias = db.shape[0] > 0
     acc = np.zeros(OW, dtype=dy.dtype)
     for s in range(n0, n1, g):
         k = min(g, n1 - s)
-        xg = xbuf[:C * k * S].reshape(C, k * S)
+        xs = xbuf[:R * k * S].reshape(R, k * S)
         zg = zbuf[:F * k * S].reshape(F, k * S)
-        _tap_pack(x, ph, pw, s, k, xg)
+        _tap_pack(x, ph, pw, s, k, KW, xs)
         for f in range(F):
             row = zg[f]
             row[:] = zero
@@ -651,23 +663,27 @@ def _tap_backward_rows(x, Wr, dy, y, relu, ph, pw, n0, n1, g, input_grad,
                 db[f] += tot
         Lg = (k - 1) * S + L
         for p in range(KH):
-            for q in range(KW):
-                _cblas.gemm(False, True, F, C, Lg, zg, 0, k * S, xg, p * Wp + q, k * S, 1,
-                            dWr, (p * KW + q) * F * C, C)
+            _cblas.gemm(False, True, F, R, Lg, zg, 0, k * S, xs, p * Wp, k * S, 1,
+                        dWk, p * F * R, R)
         if input_grad:
-            dg = dbuf[:C * k * S].reshape(C, k * S)
-            dg[:, :] = zero
+            ds = dbuf[:R * k * S].reshape(R, k * S)
+            ds[:, :] = zero
             for p in range(KH):
-                for q in range(KW):
-                    _cblas.gemm(True, False, C, Lg, F, Wr, (p * KW + q) * F * C, C,
-                                zg, 0, k * S, 1, dg, p * Wp + q, k * S)
+                _cblas.gemm(True, False, R, Lg, F, Wk, p * F * R, R,
+                            zg, 0, k * S, 1, ds, p * Wp, k * S)
             for c in range(C):
                 for kk in range(k):
                     for h in range(H):
                         o = kk * S + (h + ph) * Wp + pw
                         dst = dx[s + kk, c, h]
+                        src = ds[c]
                         for w in range(Wd):
-                            dst[w] = dg[c, o + w]
+                            dst[w] = src[o + w]
+                        for q in range(1, KW):
+                            src = ds[q * C + c]
+                            lo = max(0, q - o)          # ds column o + w − q must be >= 0
+                            for w in range(lo, Wd):
+                                dst[w] += src[o + w - q]
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -732,18 +748,19 @@ def _chunk(N, rows, P):
 
 
 def _tap_plan(x_shape, F, KH, KW, ph, pw):
-    """(S, g): padded plane size and samples per group (TAP_GROUP_BYTES of scratch)."""
+    """(S, g): padded plane size and samples per group (about TAP_GROUP_ELEMENTS of
+    packed input, output grid and input-gradient scratch)."""
     N, C, H, Wd = x_shape
     S = (H + 2 * ph) * (Wd + 2 * pw)
-    g = max(1, min(N, TAP_GROUP_ELEMENTS // max(1, (C + F) * S)))
+    g = max(1, min(N, TAP_GROUP_ELEMENTS // max(1, (2 * KW * C + F) * S)))
     return S, g
 
 
-def tap_usable(C, F, H, Wd, stride, padding):
+def tap_usable(C, F, H, Wd, stride, padding, KW):
     """Per-tap GEMMs need stride 1, SciPy's CBLAS and int32-sized windows (any padding)."""
     ph, pw = padding
     return (tuple(stride) == (1, 1) and _cblas.available
-            and _cblas.fits((C + F) * (H + 2 * ph) * (Wd + 2 * pw)))
+            and _cblas.fits((2 * KW * C + F) * (H + 2 * ph) * (Wd + 2 * pw)))
 
 
 def _sample_chunks(N, macs):
@@ -766,14 +783,14 @@ def _tap_forward(x, W, b, ph, pw, relu, y):
     F, _, KH, KW = W.shape
     OH, OW = y.shape[2], y.shape[3]
     S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
-    Wr = np.ascontiguousarray(W.transpose(2, 3, 0, 1))
+    Wk = np.ascontiguousarray(W.transpose(2, 0, 3, 1))
 
     def run(n0, n1):
         _blas.use_for(0)
         gg = min(g, n1 - n0)
-        xbuf = _workspace("tap_x", C * gg * S, x.dtype)
+        xbuf = _workspace("tap_x", KW * C * gg * S, x.dtype)
         tbuf = _workspace("tap_t", F * gg * S, x.dtype)
-        _tap_forward_rows(x, Wr, b, ph, pw, relu, n0, n1, gg, xbuf, tbuf, y)
+        _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, gg, xbuf, tbuf, y)
     _run_chunks(run, _sample_chunks(N, N * F * OH * OW * C * KH * KW))
 
 
@@ -782,7 +799,7 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
     F, _, KH, KW = W.shape
     OH, OW = dy.shape[2], dy.shape[3]
     S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
-    Wr = np.ascontiguousarray(W.transpose(2, 3, 0, 1))
+    Wk = np.ascontiguousarray(W.transpose(2, 0, 3, 1))
     relu = y is not None
     yy = y if relu else dy
     dxo = dx if input_grad else np.empty((0, 1, 1, 1), dtype=x.dtype)
@@ -790,20 +807,20 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
     def run(n0, n1):
         _blas.use_for(0)
         gg = min(g, n1 - n0)
-        xbuf = _workspace("tap_x", C * gg * S, x.dtype)
+        xbuf = _workspace("tap_x", KW * C * gg * S, x.dtype)
         zbuf = _workspace("tap_t", F * gg * S, x.dtype)
-        dbuf = _workspace("tap_d", C * gg * S if input_grad else 0, x.dtype)
-        dWr = np.zeros((KH, KW, F, C), dtype=x.dtype)
+        dbuf = _workspace("tap_d", KW * C * gg * S if input_grad else 0, x.dtype)
+        dWk = np.zeros((KH, F, KW, C), dtype=x.dtype)
         dbp = np.zeros(db.shape[0], dtype=x.dtype)
-        _tap_backward_rows(x, Wr, dy, yy, relu, ph, pw, n0, n1, gg, input_grad,
-                           xbuf, zbuf, dbuf, dWr, dbp, dxo)
-        return dWr, dbp
+        _tap_backward_rows(x, Wk, dy, yy, relu, ph, pw, n0, n1, gg, input_grad,
+                           xbuf, zbuf, dbuf, dWk, dbp, dxo)
+        return dWk, dbp
     parts = _run_chunks(run, _sample_chunks(N, N * F * OH * OW * C * KH * KW))
-    dWr, dbp = parts[0]
+    dWk, dbp = parts[0]
     for a, bb in parts[1:]:                     # in chunk order: deterministic
-        dWr += a
+        dWk += a
         dbp += bb
-    dW[...] = dWr.transpose(2, 3, 0, 1)
+    dW[...] = dWk.transpose(1, 3, 0, 2)
     db[...] = dbp
 
 
@@ -828,7 +845,7 @@ def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto"):
         method = choose_method(C, (sh, sw), 2 * N * F * P * R)
     if N == 0 or F == 0 or P == 0:
         return y
-    if method == "tap" and not tap_usable(C, F, H, Wd, (sh, sw), (ph, pw)):
+    if method == "tap" and not tap_usable(C, F, H, Wd, (sh, sw), (ph, pw), KW):
         method = "gemm"
     if method == "tap":
         _tap_forward(x, W, b, ph, pw, relu, y)
@@ -928,7 +945,7 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
         if dx is not None:
             dx[...] = 0
         return dx, dW, db
-    if wm == "tap" and not tap_usable(C, F, H, Wd, (sh, sw), (ph, pw)):
+    if wm == "tap" and not tap_usable(C, F, H, Wd, (sh, sw), (ph, pw), KW):
         wm = xm = "gemm"
     if wm == "tap":
         _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx)

@@ -140,6 +140,16 @@ def _cells(run, families):
     import importlib
     N, D, H = 2, 4, 5
     x, h = run.x((N, D)), run.x((N, H))
+    if "conv" in families:
+        from .kernels import conv as K
+
+        def conv_gemm():                # the im2col path ("auto" takes it without CBLAS)
+            x, W, b = run.x((2, 4, 16, 16)), run.x((8, 4, 3, 3)), run.x((8,))
+            for relu in (False, True):
+                y = K.conv2d_forward(x, W, b, 1, 1, relu, "gemm")
+                K.conv2d_backward(x, W, run.x(y.shape), 1, 1, True, True, y if relu else None,
+                                  "gemm")
+        run.attempt("kernels.conv im2col + GEMM, stride 1", conv_gemm)
     if "rnn" in families:
         try:
             R = importlib.import_module("fastbp.kernels.rnn")

@@ -194,8 +194,10 @@ def test_serial_parallel_identical_and_deterministic(method, stride, rng, parall
             np.testing.assert_array_equal(a, r)
 
 
-def test_auto_mixes_direct_dw_and_gemm_dx(rng):
-    """auto with one input channel: flat direct forward and dW, GEMM dx — same numbers."""
+def test_auto_mixes_direct_dw_and_gemm_dx(rng, monkeypatch):
+    """auto with one input channel and no CBLAS: flat direct forward and dW, GEMM dx — same
+    numbers."""
+    monkeypatch.setattr(K._cblas, "available", False)
     x = rng.standard_normal((4, 1, 12, 11))
     Wt = rng.standard_normal((6, 1, 3, 3))
     b = rng.standard_normal(6)
@@ -236,10 +238,11 @@ def test_choose_method(monkeypatch):
     assert K.choose_method(64, (2, 2), K.DIRECT_MAX_WORK - 1) == "direct"
     assert K.choose_method(64, (1, 1), big) == ("tap" if K._cblas.available else "gemm")
     assert K.choose_method(64, (2, 1), big) == "gemm"
-    assert K.choose_method(1, (1, 1), big) == "direct"
+    assert K.choose_method(1, (1, 1), big) == ("tap" if K._cblas.available else "direct")
     assert K.choose_method(1, (2, 1), big) == "gemm"
     monkeypatch.setattr(K._cblas, "available", False)        # SciPy without OpenBLAS CBLAS
     assert K.choose_method(64, (1, 1), big) == "gemm"
+    assert K.choose_method(1, (1, 1), big) == "direct"
     assert K.choose_backward(64, (1, 1), big) == ("gemm", "gemm")
 
 

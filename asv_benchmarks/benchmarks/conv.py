@@ -1,7 +1,7 @@
 """Conv2D kernels: forward and backward on the DESIGN.md CNN layer shapes.
 
 ``Conv2D`` times the public kernels (algorithm picked by shape, or forced to ``direct`` /
-``gemm`` to measure the crossover). ``track_gflops_*`` report the achieved GFLOP/s
+``gemm`` / ``tap`` to measure the crossover; ``tap`` runs ``gemm`` for stride > 1). ``track_gflops_*`` report the achieved GFLOP/s
 (2·N·F·OH·OW·C·KH·KW per pass; backward = dW + dx = twice that). ``ConvDispatch`` times
 the serial and the parallel build of the packing/direct kernels at growing work sizes,
 which is how the ``conv`` family threshold in ``fastbp/config.py`` is measured.
@@ -49,7 +49,7 @@ def _median_time(f, repeat=7):
 
 
 class Conv2D:
-    params = smoke((list(SHAPES), ["float32", "float64"], ["auto", "direct", "gemm"]))
+    params = smoke((list(SHAPES), ["float32", "float64"], ["auto", "direct", "gemm", "tap"]))
     param_names = ["shape", "dtype", "method"]
     timeout = 300
 

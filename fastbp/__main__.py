@@ -48,7 +48,7 @@ def cmd_info(args):
          (" (set by user)" if config.USER_SET_WAIT_POLICY else " (set by fastbp)")),
         ("OPENBLAS_THREAD_TIMEOUT", f"{_blas.thread_timeout()} in force (2^n cycles; "
                                     + ("set by user)" if config.USER_SET_BLAS_TIMEOUT
-                                       else "fastbp asks for 16)")),
+                                       else "fastbp asks for 20)")),
         ("malloc", _malloc.state),
         ("cache dir", f"{config.CACHE_DIR or '-'} ({config.CACHE_SOURCE})"),
     ]

@@ -34,14 +34,16 @@ if not USER_SET_WAIT_POLICY:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 # OpenBLAS's own idle workers spin for 2^OPENBLAS_THREAD_TIMEOUT cycles after a threaded
 # GEMM (default 2^28, about 0.1 s) before they sleep. Meanwhile they take the cores that
-# fastbp's Python-thread batch splits (conv, RNN/LSTM) run on: a cnn_cifar step, whose
-# dense head runs a 2-thread GEMM, took 42-50 ms with the default and 22-27 ms with 2^16
-# cycles (~25 µs); rnn_seq 3.4-3.8 vs 2.1-2.5 ms; the MLP steps within noise. OpenBLAS
-# reads the variable when it loads, so this only takes effect when fastbp is imported
-# before anything loads SciPy's BLAS (``fastbp info`` shows the value in force).
+# fastbp's Python-thread batch splits (conv, RNN/LSTM) run on. Whole steps, 3 interleaved
+# runs each (ms): cnn_cifar, whose dense head runs a 2-thread GEMM, 38-46 at 28, 25-30 at
+# 24, 24-26 at 20, 23-26 at 16; mlp_mnist 1.4-1.5 at 28, 1.3-1.4 at 24, 1.3-2.5 at 20,
+# 1.5-3.0 at 16 (short spins put the workers to sleep between steps); mlp_large level.
+# 20 (~0.4 ms of spin) is the compromise. OpenBLAS reads the variable when it loads, so
+# this only takes effect when fastbp is imported before anything loads SciPy's BLAS
+# (``fastbp info`` shows the value in force).
 USER_SET_BLAS_TIMEOUT = "OPENBLAS_THREAD_TIMEOUT" in os.environ
 if not USER_SET_BLAS_TIMEOUT:
-    os.environ["OPENBLAS_THREAD_TIMEOUT"] = "16"
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = "20"
 
 import numba  # noqa: E402  (after the environment is prepared)
 

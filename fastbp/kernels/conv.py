@@ -18,7 +18,13 @@ where ``xp`` is x zero-padded by (ph, pw). Backward, with ``dy = ∂L/∂y``:
   and reverses both spatial axes: ``Wf[c,f,p,q] = W[f,c,KH−1−p,KW−1−q]``. So
   ``dx[n,c,h,w] = Σ_f Σ_p Σ_q Wf[c,f,p,q] · dyd[n,f,h+p,w+q]`` (a "full convolution").
 
-Two algorithms compute the same numbers:
+Three algorithms compute the same numbers:
+
+- ``tap`` (stride 1, the default when SciPy's OpenBLAS exposes CBLAS): per-kernel-row
+  GEMMs on shifted windows of the padded input, no im2col; see "per-tap GEMMs" below.
+  Samples are split over fastbp's Python threads (``fastbp._pool``) from SPLIT_MACS
+  multiply-adds, each chunk on one BLAS thread, weight-gradient partials summed in chunk
+  order (deterministic for a given thread count).
 
 - ``direct``: plain loops, parallel over (sample, output channel) for y, over
   (sample, input channel) for dx and over (output channel, input channel) for dW, so
@@ -33,9 +39,9 @@ Two algorithms compute the same numbers:
   other strides it is col2im(Wᵀ × dz-matrix), the scatter form of the same identity
   (no GEMM work is spent on the zeros of the dilation).
 
-``conv2d_forward``/``conv2d_backward`` pick ``direct`` for stride 1 with few input channels
-(``DIRECT_MAX_CHANNELS``) or tiny problems (``DIRECT_MAX_WORK``), else ``gemm`` (measured;
-see asv_benchmarks/benchmarks/conv.py).
+``conv2d_forward``/``conv2d_backward`` pick ``direct`` for tiny problems (``DIRECT_MAX_WORK``),
+``tap`` for stride 1, else ``gemm``; without CBLAS, stride 1 with few input channels
+(``DIRECT_MAX_CHANNELS``) runs ``direct`` (measured; see asv_benchmarks/benchmarks/conv.py).
 """
 import threading
 
@@ -63,8 +69,11 @@ CHUNK_ELEMENTS = 1 << 21
 TAP_MIN_CHANNELS = 1
 # scratch entries per group of samples (packed input + output grid), sized to stay in L2
 TAP_GROUP_ELEMENTS = 1 << 17
-# multiply-adds from which a conv call splits its samples over fastbp's Python threads
-SPLIT_MACS = 1 << 23
+# Multiply-adds from which a tap call splits its samples over fastbp's Python threads
+# (backward counts dW and dx). Measured, 2 threads, ms one thread → split: forward
+# 3.7M 0.23 → 0.26, 7.1M 0.23 → 0.20, 7.4M 0.44 → 0.38, 28M 0.93 → 0.76; backward 1.8M
+# (dW only 0.9M) 0.33 → 0.35, 3.3M+ 0.62 → 0.46, 13M+ 2.16 → 1.14.
+SPLIT_MACS = 1 << 22
 
 
 def out_size(H, Wd, KH, KW, sh, sw, ph, pw):
@@ -817,7 +826,8 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
         _tap_backward_rows(x, Wk, dy, yy, relu, ph, pw, n0, n1, gg, input_grad,
                            xbuf, zbuf, dbuf, dWk, dbp, dxo)
         return dWk, dbp
-    parts = _run_chunks(run, _sample_chunks(N, N * F * OH * OW * C * KH * KW))
+    macs = N * F * OH * OW * C * KH * KW * (2 if input_grad else 1)
+    parts = _run_chunks(run, _sample_chunks(N, macs))
     dWk, dbp = parts[0]
     for a, bb in parts[1:]:                     # in chunk order: deterministic
         dWk += a

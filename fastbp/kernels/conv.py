@@ -379,16 +379,16 @@ def im2col_flat(xp, n0, KH, KW, OH, cols):
 
 
 @dual("conv")
-def gemm_to_nchw(t, b, n0, relu, pitch, y):
+def gemm_to_nchw(t, b, n0, relu, pitch, PX, y):
     """Scatter a GEMM result into NCHW, adding the bias and applying ReLU.
 
-    t (F, m·OH·pitch), b (F,) or (0,), y (N, F, OH, OW) output, pitch >= OW:
-    y[n0+k, f, i, j] = t[f, k·OH·pitch + i·pitch + j] + b[f]; then max(·, 0) if ``relu``.
+    t (F, m·PX), b (F,) or (0,), y (N, F, OH, OW) output, pitch >= OW, PX >= OH·pitch
+    (each sample's columns, e.g. OH·pitch, or a whole padded plane):
+    y[n0+k, f, i, j] = t[f, k·PX + i·pitch + j] + b[f]; then max(·, 0) if ``relu``.
     Parallel over (k, f).
     """
     F = t.shape[0]
     OH, OW = y.shape[2], y.shape[3]
-    PX = OH * pitch
     m = t.shape[1] // PX
     zero = t.dtype.type(0)
     has_bias = b.shape[0] > 0
@@ -532,6 +532,8 @@ def _gemm(a, b, out):
     gemm(a, b, out)
 
 
+_to_nchw_serial = gemm_to_nchw.serial    # called from the compiled per-tap loops
+
 # ---------------------------------------------------------------------------- per-tap GEMMs
 # Stride 1: no im2col. On a sample's zero-padded planes flattened channel-major (xg (C, S),
 # S = Hp·Wp), output pixel u = i·Wp + j reads xg[:, u + p·Wp + q] at tap (p, q), so each
@@ -597,8 +599,6 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, xbuf, tbuf, y):
     S = (H + 2 * ph) * Wp
     L = (OH - 1) * Wp + OW
     R = KW * C
-    zero = y.dtype.type(0)
-    has_bias = b.shape[0] > 0
     for s in range(n0, n1, g):
         k = min(g, n1 - s)
         xs = xbuf[:R * k * S].reshape(R, k * S)
@@ -608,19 +608,7 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, xbuf, tbuf, y):
         for p in range(KH):
             _cblas.gemm(False, False, F, Lg, R, Wk, p * F * R, R,
                         xs, p * Wp, k * S, 0 if p == 0 else 1, t, 0, k * S)
-        for kk in range(k):
-            for f in range(F):
-                b0 = b[f] if has_bias else zero
-                for i in range(OH):
-                    src = t[f, kk * S + i * Wp:kk * S + i * Wp + OW]
-                    dst = y[s + kk, f, i]
-                    if relu:
-                        for j in range(OW):
-                            v = src[j] + b0
-                            dst[j] = v if not v < zero else zero
-                    else:
-                        for j in range(OW):
-                            dst[j] = src[j] + b0
+        _to_nchw_serial(t, b, s, relu, Wp, S, y)
 
 
 @jit
@@ -783,12 +771,6 @@ def _sample_chunks(N, macs):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _run_chunks(fn, chunks):
-    if len(chunks) == 1:
-        return [fn(*chunks[0])]
-    return _pool.run(fn, chunks)
-
-
 def _tap_forward(x, W, b, ph, pw, relu, y):
     N, C, H, Wd = x.shape
     F, _, KH, KW = W.shape
@@ -802,7 +784,7 @@ def _tap_forward(x, W, b, ph, pw, relu, y):
         xbuf = _workspace("tap_x", KW * C * gg * S, x.dtype)
         tbuf = _workspace("tap_t", F * gg * S, x.dtype)
         _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, gg, xbuf, tbuf, y)
-    _run_chunks(run, _sample_chunks(N, N * F * OH * OW * C * KH * KW))
+    _pool.run(run, _sample_chunks(N, N * F * OH * OW * C * KH * KW))
 
 
 def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
@@ -827,7 +809,7 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
                            xbuf, zbuf, dbuf, dWk, dbp, dxo)
         return dWk, dbp
     macs = N * F * OH * OW * C * KH * KW * (2 if input_grad else 1)
-    parts = _run_chunks(run, _sample_chunks(N, macs))
+    parts = _pool.run(run, _sample_chunks(N, macs))
     dWk, dbp = parts[0]
     for a, bb in parts[1:]:                     # in chunk order: deterministic
         dWk += a
@@ -888,7 +870,7 @@ def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto"):
         else:
             im2col(x, n0, KH, KW, sh, sw, ph, pw, OH, OW, cols, work=R * k * P)
         _gemm(W2, cols, t)
-        gemm_to_nchw(t, b, n0, relu, pitch, y, work=F * k * P)
+        gemm_to_nchw(t, b, n0, relu, pitch, PX, y, work=F * k * P)
     return y
 
 
@@ -918,7 +900,7 @@ def _flipped_dx_gemm(dy, y, W, ph, pw, dx):
         t = tbuf[:C * k * PX].reshape(C, k * PX)
         im2col_flat(dzp, n0, KH, KW, H, c, work=R * k * PX)
         _gemm(Wf, c, t)
-        gemm_to_nchw(t, none, n0, False, pitch, dx, work=C * k * H * Wd)
+        gemm_to_nchw(t, none, n0, False, pitch, PX, dx, work=C * k * H * Wd)
 
 
 def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=True, y=None,

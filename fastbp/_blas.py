@@ -1,16 +1,31 @@
-"""BLAS thread count per GEMM size, for the GEMMs that kernels run through ``np.dot``.
+"""Which BLAS the kernels' GEMMs run on, and its thread count per GEMM size.
 
-Numba's ``np.dot`` calls SciPy's OpenBLAS. OpenBLAS threads any GEMM with at least
-2^18 multiply-adds, and on a 2-core machine waking its second thread for a small GEMM
-costs more than the product: a 32×128×128 product ran 1.3-2× slower with 2 threads than
-with 1, and on a busy machine (other processes on the cores) the spinning handshake made
-some calls 1000× slower. So before a kernel runs its GEMMs, the layer calls
-``use_for(macs)``: products below ``threshold`` multiply-adds run on one BLAS thread,
-larger ones on ``max_threads``.
+NumPy's and SciPy's wheels each bundle an OpenBLAS (``numpy.libs/libscipy_openblas64_*``,
+ILP64; ``scipy.libs/libscipy_openblas*``, LP64). Numba's own ``np.dot`` always calls
+SciPy's. fastbp's kernels call ``fastbp._cblas.gemm``/``dot`` instead, which run on the
+library chosen here:
 
-The count is set with ``openblas_set_num_threads_local`` (OpenBLAS ≥ 0.3.27), which only
-affects the calling Python thread, and only when it changes. Where SciPy's BLAS is not an
-OpenBLAS with that call, this module does nothing.
+- NumPy's, when it is there and its idle workers spin no longer than SciPy's (see
+  ``thread_timeout``). On the 2-vCPU AVX-512 dev machine NumPy's OpenBLAS 0.3.31 ran the
+  kernels' shapes faster than SciPy's 0.3.30: one thread, 32×1120×96 (a conv kernel row)
+  83 against 58 GFLOP/s, 256×1024×2048 87 against 78; two threads, 784×256×128 180
+  against 77 (SciPy's kept it on one thread).
+- SciPy's otherwise. NumPy's library reads ``OPENBLAS_THREAD_TIMEOUT`` when NumPy is
+  imported, so when NumPy came first its workers spin for OpenBLAS's default 2^28 cycles
+  (~0.1 s) after every threaded GEMM and take the cores of fastbp's thread splits, while
+  SciPy's loads after fastbp set 2^20.
+
+``FASTBP_BLAS=numpy`` or ``FASTBP_BLAS=scipy`` forces the choice (when that library has
+CBLAS). ``name`` and ``library`` say what is in use; ``fastbp info`` prints them.
+
+Thread count: OpenBLAS threads any GEMM with at least 2^18 multiply-adds, and on a
+2-core machine waking its second thread for a small GEMM costs more than the product: a
+32×128×128 product ran 1.3-2× slower with 2 threads than with 1, and on a busy machine
+the spinning handshake made some calls 1000× slower. So before a kernel runs its GEMMs,
+the caller calls ``use_for(macs)``: products below ``threshold`` multiply-adds run on one
+BLAS thread, larger ones on ``max_threads``. The count is set with
+``openblas_set_num_threads_local`` (OpenBLAS ≥ 0.3.27), which only affects the calling
+Python thread, and only when it changes.
 """
 from __future__ import annotations
 
@@ -25,40 +40,77 @@ threshold = 1 << 21
 _state = threading.local()
 
 
-def _load():
-    try:
-        import scipy
-    except ImportError:  # pragma: no cover
-        return None, None, 1
-    libdir = os.path.dirname(scipy.__file__) + ".libs"
-    for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*"))):
+class Lib:
+    """One bundled OpenBLAS: its path, CBLAS gemm addresses and thread controls."""
+
+    def __init__(self, name, path, suffix):
+        self.name, self.path = name, path
+        self.ilp64 = suffix == "64_"
+        lib = ctypes.CDLL(path)
+        self._lib = lib
+        self.sgemm = ctypes.cast(getattr(lib, f"scipy_cblas_sgemm{suffix}"), ctypes.c_void_p).value
+        self.dgemm = ctypes.cast(getattr(lib, f"scipy_cblas_dgemm{suffix}"), ctypes.c_void_p).value
+        self.set_local = lib.openblas_set_num_threads_local
+        self.set_local.argtypes, self.set_local.restype = [ctypes.c_int], ctypes.c_int
+        getter = getattr(lib, f"scipy_openblas_get_num_threads{suffix}")
+        getter.argtypes, getter.restype = [], ctypes.c_int
+        self.threads = max(1, int(getter()))
+
+    def thread_timeout(self):
+        """log2 of the cycles idle workers spin (as read when the library loaded)."""
         try:
-            lib = ctypes.CDLL(path)
-            setter = lib.openblas_set_num_threads_local
-            getter = lib.scipy_openblas_get_num_threads
+            fn = self._lib.openblas_thread_timeout
+        except AttributeError:  # pragma: no cover - other OpenBLAS builds
+            return None
+        fn.argtypes, fn.restype = [], ctypes.c_int
+        n = int(fn())                  # the variable as read; 0 = unset (OpenBLAS uses 28)
+        return 28 if n <= 0 else min(30, max(4, n))
+
+
+def _find(module, pattern, suffix, name):
+    try:
+        mod = __import__(module)
+    except ImportError:  # pragma: no cover
+        return None
+    libdir = os.path.dirname(mod.__file__) + ".libs"
+    for path in sorted(glob.glob(os.path.join(libdir, pattern))):
+        try:
+            return Lib(name, path, suffix)
         except (OSError, AttributeError):
             continue
-        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
-        getter.argtypes, getter.restype = [], ctypes.c_int
-        return setter, path, max(1, int(getter()))
-    return None, None, 1
+    return None
 
 
-_set_local, library, max_threads = _load()
+numpy_lib = _find("numpy", "libscipy_openblas64_*.so*", "64_", "numpy")
+scipy_lib = _find("scipy", "libscipy_openblas*.so*", "", "scipy")
+
+
+def _choose():
+    forced = os.environ.get("FASTBP_BLAS", "").strip().lower()
+    if forced not in ("", "numpy", "scipy"):
+        raise ValueError(f"FASTBP_BLAS: expected 'numpy' or 'scipy', got {forced!r}")
+    if forced == "numpy" and numpy_lib is not None:
+        return numpy_lib
+    if forced == "scipy" and scipy_lib is not None:
+        return scipy_lib
+    if numpy_lib is None or scipy_lib is None:
+        return numpy_lib or scipy_lib
+    tn, ts = numpy_lib.thread_timeout(), scipy_lib.thread_timeout()
+    return numpy_lib if tn is None or ts is None or tn <= ts else scipy_lib
+
+
+chosen = _choose()
+name = chosen.name if chosen is not None else None
+library = chosen.path if chosen is not None else None
+max_threads = chosen.threads if chosen is not None else 1
+# libraries whose thread count use_for sets: the kernels' and SciPy's (Numba's np.dot)
+_setters = [lib.set_local for lib in {id(x): x for x in (chosen, scipy_lib) if x}.values()]
 
 
 def thread_timeout():
-    """log2 of the cycles OpenBLAS's idle workers spin before sleeping (the
-    OPENBLAS_THREAD_TIMEOUT in force when SciPy's OpenBLAS loaded), or None if unknown."""
-    if library is None:
-        return None
-    try:
-        fn = ctypes.CDLL(library).openblas_thread_timeout
-    except (OSError, AttributeError):  # pragma: no cover - other OpenBLAS builds
-        return None
-    fn.argtypes, fn.restype = [], ctypes.c_int
-    n = int(fn())                      # the variable as read; 0 = unset (OpenBLAS uses 28)
-    return 28 if n <= 0 else min(30, max(4, n))
+    """log2 of the cycles the kernels' OpenBLAS workers spin before sleeping (the
+    OPENBLAS_THREAD_TIMEOUT in force when that library loaded), or None if unknown."""
+    return chosen.thread_timeout() if chosen is not None else None
 
 
 def set_max_threads(n: int) -> None:
@@ -70,11 +122,10 @@ def set_max_threads(n: int) -> None:
 
 def use_for(macs: int) -> None:
     """Set the calling thread's BLAS thread count for a GEMM of ``macs`` multiply-adds."""
-    if _set_local is None:
-        return
     n = 1 if macs < threshold else max_threads
     if getattr(_state, "current", None) != n:
-        _set_local(n)
+        for setter in _setters:
+            setter(n)
         _state.current = n
 
 
@@ -82,4 +133,5 @@ def gemm_macs(m: int, k: int, n: int) -> int:
     return int(m) * int(k) * int(n)
 
 
-__all__ = ["use_for", "set_max_threads", "threshold", "max_threads", "library", "gemm_macs"]
+__all__ = ["use_for", "set_max_threads", "threshold", "max_threads", "library", "name",
+           "gemm_macs", "thread_timeout"]

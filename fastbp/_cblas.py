@@ -1,42 +1,34 @@
-"""``gemm`` with leading dimensions, offsets and ``beta``, callable from compiled code.
+"""``gemm`` with leading dimensions, offsets and ``beta``, and ``dot``, callable from
+compiled code, on the OpenBLAS that ``fastbp._blas`` chose.
 
-Numba's ``np.dot`` reaches BLAS through SciPy but only as ``C = A B`` on whole contiguous
+Numba's ``np.dot`` reaches BLAS through SciPy, and only as ``C = A B`` on whole contiguous
 matrices. The stride-1 convolution kernels need more: a "matrix" that is a window of a
 padded image (rows ``ld`` apart, starting at an offset), and ``C += A B`` so the taps of a
-kernel accumulate in place. CBLAS has all of that, and SciPy's wheels ship OpenBLAS with
-the CBLAS symbols exported under a ``scipy_`` prefix (``scipy_cblas_sgemm``).
+kernel accumulate in place. CBLAS has all of that, and the OpenBLAS bundled in NumPy's
+and SciPy's wheels export it (``scipy_cblas_sgemm64_`` in NumPy's ILP64 build,
+``scipy_cblas_sgemm`` in SciPy's LP64 build).
 
-The library is loaded with ``llvmlite.binding.load_library_permanently`` and the symbols
-are declared as ``numba.types.ExternalFunction``: calls are resolved by name when the
-machine code is linked, so kernels that use them can still be cached on disk (a ctypes
-function pointer would pin an address and disable the cache).
-
-``available`` is False when SciPy's BLAS is not such an OpenBLAS; callers then take their
-``np.dot`` path. Only call ``gemm`` from compiled code when ``available`` is True.
+Compiled code calls the fixed names ``fastbp_cblas_sgemm``/``fastbp_cblas_dgemm`` (64-bit
+integer arguments), declared as ``numba.types.ExternalFunction``. At import, those names
+are bound with ``llvmlite.binding.add_symbol`` to the chosen library's function (NumPy's
+directly; SciPy's through a small ``cfunc`` that narrows the integers). Calls are resolved
+by name when machine code is linked, so the kernels are cached on disk once and run on
+whichever library the process chose. Without CBLAS in either wheel, the names are bound
+to a ``cfunc`` that copies the windows and calls Numba's ``np.dot``: correct, slower, and
+``available`` is False so callers prefer their other paths.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import types
+from numba import carray, cfunc, types
 from numba.extending import intrinsic, overload
 
 from . import _blas
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
-# CBLAS (LP64) takes C ints: every size, offset-free dimension and leading dimension must
-# fit in 31 bits. Callers check ``fits`` on their largest matrix extent.
+# Callers keep every size and leading dimension within 31 bits (``fits``), so the same
+# calls suit LP64 and ILP64 libraries.
 INT_MAX = 2 ** 31 - 1
-
-available = False
-if _blas.library is not None:
-    try:
-        import llvmlite.binding as _llvm
-        _lib = __import__("ctypes").CDLL(_blas.library)
-        _lib.scipy_cblas_sgemm, _lib.scipy_cblas_dgemm  # noqa: B018  (both must exist)
-        _llvm.load_library_permanently(_blas.library)
-        available = True
-    except (OSError, AttributeError, ImportError):  # pragma: no cover - other BLAS builds
-        available = False
 
 
 def fits(n: int) -> bool:
@@ -44,14 +36,77 @@ def fits(n: int) -> bool:
     return int(n) <= INT_MAX
 
 
-def _decl(name, dt):
+def _sig(dt, it):
     p = types.CPointer(dt)
-    i = types.int32
-    return types.ExternalFunction(name, types.void(i, i, i, i, i, i, dt, p, i, p, i, dt, p, i))
+    return types.void(it, it, it, it, it, it, dt, p, it, p, it, dt, p, it)
 
 
-_sgemm = _decl("scipy_cblas_sgemm", types.float32)
-_dgemm = _decl("scipy_cblas_dgemm", types.float64)
+_sgemm = types.ExternalFunction("fastbp_cblas_sgemm", _sig(types.float32, types.int64))
+_dgemm = types.ExternalFunction("fastbp_cblas_dgemm", _sig(types.float64, types.int64))
+
+
+# --- the two shims: SciPy's LP64 CBLAS, and no CBLAS at all ----------------------------
+_s32 = types.ExternalFunction("scipy_cblas_sgemm", _sig(types.float32, types.int32))
+_d32 = types.ExternalFunction("scipy_cblas_dgemm", _sig(types.float64, types.int32))
+
+
+def _s_lp64(o, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
+    _s32(np.int32(o), np.int32(ta), np.int32(tb), np.int32(M), np.int32(N), np.int32(K),
+         alpha, A, np.int32(lda), B, np.int32(ldb), beta, C, np.int32(ldc))
+
+
+def _d_lp64(o, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
+    _d32(np.int32(o), np.int32(ta), np.int32(tb), np.int32(M), np.int32(N), np.int32(K),
+         alpha, A, np.int32(lda), B, np.int32(ldb), beta, C, np.int32(ldc))
+
+
+def _fallback(o, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
+    """Row-major C = alpha·op(A) op(B) + beta·C by copies and Numba's np.dot."""
+    ra, ca = (K, M) if ta == TRANS else (M, K)
+    rb, cb = (N, K) if tb == TRANS else (K, N)
+    a = carray(A, (max(ra - 1, 0) * lda + ca,))
+    b = carray(B, (max(rb - 1, 0) * ldb + cb,))
+    c = carray(C, (max(M - 1, 0) * ldc + N,))
+    am = np.empty((ra, ca), dtype=a.dtype)
+    bm = np.empty((rb, cb), dtype=b.dtype)
+    for i in range(ra):
+        am[i] = a[i * lda:i * lda + ca]
+    for i in range(rb):
+        bm[i] = b[i * ldb:i * ldb + cb]
+    aa = am.T.copy() if ta == TRANS else am
+    bb = bm.T.copy() if tb == TRANS else bm
+    prod = np.dot(aa, bb) if K > 0 else np.zeros((M, N), dtype=a.dtype)
+    for i in range(M):
+        for j in range(N):
+            v = alpha * prod[i, j]
+            c[i * ldc + j] = v if beta == 0 else v + beta * c[i * ldc + j]
+
+
+def _bind():
+    """Bind fastbp_cblas_[sd]gemm to the chosen library; returns True with real CBLAS."""
+    import llvmlite.binding as llvm
+    lib = _blas.chosen
+    if lib is not None and lib.ilp64:
+        llvm.load_library_permanently(lib.path)
+        llvm.add_symbol("fastbp_cblas_sgemm", lib.sgemm)
+        llvm.add_symbol("fastbp_cblas_dgemm", lib.dgemm)
+        return True
+    if lib is not None:
+        llvm.load_library_permanently(lib.path)
+        fs = cfunc(_sig(types.float32, types.int64), cache=True)(_s_lp64)
+        fd = cfunc(_sig(types.float64, types.int64), cache=True)(_d_lp64)
+        ok = True
+    else:  # pragma: no cover - wheels without OpenBLAS's CBLAS
+        fs = cfunc(_sig(types.float32, types.int64), cache=True)(_fallback)
+        fd = cfunc(_sig(types.float64, types.int64), cache=True)(_fallback)
+        ok = False
+    _bind.keep = (fs, fd)                      # the cfuncs must outlive their addresses
+    llvm.add_symbol("fastbp_cblas_sgemm", fs.address)
+    llvm.add_symbol("fastbp_cblas_dgemm", fd.address)
+    return ok
+
+
+available = _bind()
 
 
 @intrinsic
@@ -69,7 +124,7 @@ def gemm(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
     """``C = op(A) op(B) + beta·C`` on row-major windows of flat storage (compiled code only).
 
     ``ta``/``tb``: True to transpose. op(A) is (M, K), op(B) is (K, N), C is (M, N); each
-    matrix starts at flat element ``ia``/``ib``/``ic`` of its C-contiguous array and its
+    matrix starts at flat element ``ia``/``ib``/``ic`` of its contiguous array and its
     rows are ``lda``/``ldb``/``ldc`` elements apart (the row length before any transpose).
     A, B and C share one float dtype (float32 → sgemm, float64 → dgemm); ``beta`` is 0
     (overwrite C) or 1 (accumulate). No bounds are checked: the caller owns the windows.
@@ -87,11 +142,67 @@ def _gemm_impl(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
         return None
 
     def impl(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
-        fn(np.int32(ROW_MAJOR), np.int32(TRANS if ta else NO_TRANS),
-           np.int32(TRANS if tb else NO_TRANS), np.int32(M), np.int32(N), np.int32(K),
-           t(1), _ptr(A, ia), np.int32(lda), _ptr(B, ib), np.int32(ldb), t(beta),
-           _ptr(C, ic), np.int32(ldc))
+        fn(np.int64(ROW_MAJOR), np.int64(TRANS if ta else NO_TRANS),
+           np.int64(TRANS if tb else NO_TRANS), np.int64(M), np.int64(N), np.int64(K),
+           t(1), _ptr(A, ia), np.int64(lda), _ptr(B, ib), np.int64(ldb), t(beta),
+           _ptr(C, ic), np.int64(ldc))
     return impl
 
 
-__all__ = ["available", "gemm", "fits"]
+def dot(a, b, out):
+    """``out = a @ b`` for 2-D arrays (compiled code only), like ``np.dot(a, b, out)``.
+
+    a (M, K), b (K, N), out (M, N) C-contiguous, one float dtype. a and b may be C- or
+    F-contiguous (a transposed view is passed to BLAS as a transpose flag, no copy). Other
+    layouts or dtypes fall back to Numba's ``np.dot``.
+    """
+    raise NotImplementedError("fastbp._cblas.dot is only callable from compiled code")
+
+
+def _is_blas_matrix(x, layouts):
+    return (isinstance(x, types.Array) and x.ndim == 2 and x.layout in layouts
+            and x.dtype in (types.float32, types.float64))
+
+
+@overload(dot, jit_options=dict(cache=True))
+def _dot_impl(a, b, out):
+    if not (_is_blas_matrix(a, "CF") and _is_blas_matrix(b, "CF") and _is_blas_matrix(out, "C")
+            and a.dtype == b.dtype == out.dtype):
+        def general(a, b, out):
+            np.dot(a, b, out)
+        return general
+    ta, tb = a.layout == "F", b.layout == "F"
+
+    def impl(a, b, out):
+        M, K = a.shape
+        N = b.shape[1]
+        if K != b.shape[0] or out.shape[0] != M or out.shape[1] != N:
+            raise ValueError("dot: incompatible shapes")
+        if M == 0 or N == 0:
+            return
+        if K == 0:
+            out[:, :] = 0
+            return
+        gemm(ta, tb, M, N, K, a, 0, M if ta else K, b, 0, K if tb else N, 0, out, 0, N)
+    return impl
+
+
+def matmul(a, b):
+    """A new ``a @ b`` (M, N) for 2-D a (M, K) and b (K, N) (compiled code only): ``dot``
+    into a fresh C-contiguous array, like a two-argument ``np.dot``."""
+    raise NotImplementedError("fastbp._cblas.matmul is only callable from compiled code")
+
+
+@overload(matmul, jit_options=dict(cache=True))
+def _matmul_impl(a, b):
+    if not (isinstance(a, types.Array) and isinstance(b, types.Array) and a.ndim == b.ndim == 2):
+        return None
+
+    def impl(a, b):
+        out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+        dot(a, b, out)
+        return out
+    return impl
+
+
+__all__ = ["available", "gemm", "dot", "matmul", "fits"]

@@ -4,7 +4,12 @@ import os
 import numpy as np
 import pytest
 
-from fastbp import config
+# The kernels' BLAS is NumPy's bundled OpenBLAS when fastbp is imported before NumPy (the
+# CLI, ``fastbp bench``); pytest imports NumPy first, which would pick SciPy's. Test the
+# NumPy path here; tests/test_blas.py runs the SciPy path in a subprocess.
+os.environ.setdefault("FASTBP_BLAS", "numpy")
+
+from fastbp import config  # noqa: E402
 
 try:                                     # hypothesis is a test extra; only test_properties needs it
     from hypothesis import HealthCheck, settings

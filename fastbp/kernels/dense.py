@@ -1,12 +1,59 @@
 """Dense (fully connected) kernels: ``y = x W + b``, with an optional fused ReLU.
 
 Arrays are 2-D and C-contiguous; the layer flattens any leading dimensions first.
-GEMMs go through BLAS (``np.dot`` inside njit reaches it through SciPy), so these kernels
-are compiled serial: BLAS brings its own threads, and BLAS must never run inside prange.
+GEMMs go through BLAS (``fastbp._cblas.dot``, on the OpenBLAS ``fastbp._blas`` chose), so
+these kernels are compiled serial: BLAS brings its own threads, and BLAS must never run
+inside prange.
 """
 import numpy as np
 
+from .._cblas import dot
 from .._jit import jit
+
+
+@jit(inline="always")
+def _bias_relu(y, b, relu):
+    """y += b (when b is not empty), then max(y, 0) when ``relu``: one pass over y (M, N)."""
+    M, N = y.shape
+    zero = y.dtype.type(0)
+    has_bias = b.shape[0] > 0
+    for i in range(M):
+        row = y[i]
+        if has_bias and relu:
+            for j in range(N):
+                row[j] = max(row[j] + b[j], zero)
+        elif has_bias:
+            for j in range(N):
+                row[j] += b[j]
+        elif relu:
+            for j in range(N):
+                row[j] = max(row[j], zero)
+
+
+@jit(inline="always")
+def _mask_colsum(d, y, relu, has_bias, db):
+    """dz = d ⊙ [y > 0] when ``relu`` (else d itself) and, when ``has_bias``,
+    db = Σ_rows dz, in one pass. d, y (M, N); db (N,). Returns dz."""
+    M, N = d.shape
+    zero = d.dtype.type(0)
+    if has_bias:
+        db[:] = zero
+    if not relu:
+        if has_bias:
+            for i in range(M):
+                row = d[i]
+                for j in range(N):
+                    db[j] += row[j]
+        return d
+    dz = np.empty_like(d)
+    for i in range(M):
+        src, ys, dst = d[i], y[i], dz[i]
+        for j in range(N):
+            dst[j] = src[j] if ys[j] > zero else zero
+        if has_bias:
+            for j in range(N):
+                db[j] += dst[j]
+    return dz
 
 
 @jit
@@ -16,17 +63,9 @@ def dense_forward(x, W, b, relu):
     x (M, D), W (D, N), b (N,) or (0,) for no bias, relu: bool.
     Returns y (M, N) = x W + b, then max(y, 0) when ``relu``.
     """
-    y = np.dot(x, W)
-    M, N = y.shape
-    zero = y.dtype.type(0)
-    if b.shape[0] > 0:
-        for i in range(M):
-            for j in range(N):
-                y[i, j] += b[j]
-    if relu:
-        for i in range(M):
-            for j in range(N):
-                y[i, j] = max(y[i, j], zero)
+    y = np.empty((x.shape[0], W.shape[1]), dtype=x.dtype)
+    dot(x, W, y)
+    _bias_relu(y, b, relu)
     return y
 
 
@@ -40,24 +79,13 @@ def dense_backward(x, W, dy, y, relu, has_bias, input_grad):
     dW (D, N) = xᵀ dz, db (N,) = Σ_rows dz or an empty (0,) array without bias).
     """
     M, N = dy.shape
-    zero = dy.dtype.type(0)
-    if relu:
-        dz = np.empty_like(dy)
-        for i in range(M):
-            for j in range(N):
-                dz[i, j] = dy[i, j] if y[i, j] > zero else zero
-    else:
-        dz = dy
-    dW = np.dot(x.T, dz)
-    if has_bias:
-        db = np.zeros(N, dtype=dy.dtype)
-        for i in range(M):
-            for j in range(N):
-                db[j] += dz[i, j]
-    else:
-        db = np.zeros(0, dtype=dy.dtype)
+    db = np.zeros(N if has_bias else 0, dtype=dy.dtype)
+    dz = _mask_colsum(dy, y, relu, has_bias, db)
+    dW = np.empty((x.shape[1], N), dtype=dy.dtype)
+    dot(x.T, dz, dW)
     if input_grad:
-        dx = np.dot(dz, W.T)
+        dx = np.empty((M, W.shape[0]), dtype=dy.dtype)
+        dot(dz, W.T, dx)
     else:
         dx = np.zeros((0, 0), dtype=dy.dtype)
     return dx, dW, db
@@ -117,18 +145,8 @@ def mlp_forward(x, Ws, bs, relus, ys):
     h = x
     for i in range(len(Ws)):
         y = ys[i]
-        np.dot(h, Ws[i], y)
-        b = bs[i]
-        M, N = y.shape
-        zero = y.dtype.type(0)
-        if b.shape[0] > 0:
-            for r in range(M):
-                for j in range(N):
-                    y[r, j] += b[j]
-        if relus[i]:
-            for r in range(M):
-                for j in range(N):
-                    y[r, j] = max(y[r, j], zero)
+        dot(h, Ws[i], y)
+        _bias_relu(y, bs[i], relus[i])
         h = y
 
 
@@ -145,28 +163,14 @@ def mlp_backward(x, Ws, ys, dy, relus, has_bias, input_grad, dWs, dbs):
     L = len(Ws)
     d = dy
     dx = np.zeros((0, 0), dtype=dy.dtype)
-    zero = dy.dtype.type(0)
     for j in range(L):
         i = L - 1 - j
-        y = ys[i]
-        M, N = y.shape
-        if relus[i]:
-            dz = np.empty_like(d)
-            for r in range(M):
-                for c in range(N):
-                    dz[r, c] = d[r, c] if y[r, c] > zero else zero
-        else:
-            dz = d
+        dz = _mask_colsum(d, ys[i], relus[i], has_bias[i], dbs[i])
         h = x if i == 0 else ys[i - 1]
-        np.dot(h.T, dz, dWs[i])
-        if has_bias[i]:
-            db = dbs[i]
-            db[:] = zero
-            for r in range(M):
-                for c in range(N):
-                    db[c] += dz[r, c]
+        dot(h.T, dz, dWs[i])
         if i > 0 or input_grad:
-            d = np.dot(dz, Ws[i].T)
+            d = np.empty((dz.shape[0], Ws[i].shape[0]), dtype=dy.dtype)
+            dot(dz, Ws[i].T, d)
             if i == 0:
                 dx = d
     return dx

@@ -32,6 +32,7 @@ import numpy as np
 from numba import prange
 
 from .. import _blas, _pool
+from .._cblas import matmul
 from .._jit import dual, jit
 from ._math import _wide, fsigmoid, ftanh
 from .rnn import (_add_into, _c, _chunk_weight_grads, _col_blocks, _col_sum, _matmul_into, _proj,
@@ -100,8 +101,8 @@ def _lstm_grad_row(gates, cprev, c, gh, gc, dz):
 def _lstm_cell_forward(x, h, c, Wx, Wh, b):
     _wide()
     N, H = h.shape
-    xw = np.dot(x, Wx)
-    hw = np.dot(h, Wh)
+    xw = matmul(x, Wx)
+    hw = matmul(h, Wh)
     gates = np.empty((N, 4 * H), dtype=h.dtype)
     c_new = np.empty((N, H), dtype=h.dtype)
     h_new = np.empty((N, H), dtype=h.dtype)
@@ -118,10 +119,10 @@ def _lstm_cell_backward(x, h, c, c_new, gates, Wx, Wh, dh_new, dc_new):
     dc = dc_new.copy()
     for n in range(N):
         _lstm_grad_row(gates[n], c[n], c_new[n], dh_new[n], dc[n], dz[n])
-    dx = np.dot(dz, Wx.T)
-    dh = np.dot(dz, Wh.T)
-    dWx = np.dot(x.T, dz)
-    dWh = np.dot(h.T, dz)
+    dx = matmul(dz, Wx.T)
+    dh = matmul(dz, Wh.T)
+    dWx = matmul(x.T, dz)
+    dWh = matmul(h.T, dz)
     return dx, dh, dc, dWx, dWh, _col_sum(dz)
 
 
@@ -155,7 +156,7 @@ def _lstm_forward(x, h0, c0, Wx, Wh, b):
     T, N, D = x.shape
     H = h0.shape[1]
     G = 4 * H
-    xw = np.dot(x.reshape(T * N, D), Wx).reshape(T, N, G)   # all input projections at once
+    xw = matmul(x.reshape(T * N, D), Wx).reshape(T, N, G)   # all input projections at once
     gates = np.empty((T, N, G), dtype=x.dtype)
     cs = np.empty((T, N, H), dtype=x.dtype)
     hs = np.empty((T, N, H), dtype=x.dtype)

@@ -29,6 +29,7 @@ import numpy as np
 from numba import prange
 
 from .. import _blas, _pool
+from .._cblas import dot, matmul
 from .._jit import dual, jit
 from ._math import _wide, ftanh
 
@@ -79,12 +80,12 @@ def _matmul_into(a, B, Bb, tmp, out):
                 for j in range(M):
                     out[n, j] += ank * B[k, j]
     elif Bb.shape[0] == 1:
-        np.dot(a, B, out)
+        dot(a, B, out)
     else:
         nb, _, cb = Bb.shape
         for k in range(nb):
             tk = tmp[k]
-            np.dot(a, Bb[k], tk)
+            dot(a, Bb[k], tk)
             for n in range(N):
                 for j in range(cb):
                     out[n, k * cb + j] = tk[n, j]
@@ -120,13 +121,13 @@ def _weight_grads(x, h0, hs, dz, input_grad, Wx):
     H = h0.shape[1]
     G = dz.shape[2]
     dz2 = dz.reshape(T * N, G)
-    dWx = np.dot(x.reshape(T * N, D).T, dz2)
-    dWh = np.dot(h0.T, dz[0])
+    dWx = matmul(x.reshape(T * N, D).T, dz2)
+    dWh = matmul(h0.T, dz[0])
     if T > 1:
-        dWh += np.dot(hs[:T - 1].reshape((T - 1) * N, H).T, dz[1:].reshape((T - 1) * N, G))
+        dWh += matmul(hs[:T - 1].reshape((T - 1) * N, H).T, dz[1:].reshape((T - 1) * N, G))
     db = _col_sum(dz2)
     if input_grad:
-        dx = np.dot(dz2, Wx.T).reshape(T, N, D)
+        dx = matmul(dz2, Wx.T).reshape(T, N, D)
     else:
         dx = np.zeros((0, 0, 0), dtype=dz.dtype)
     return dx, dWx, dWh, db
@@ -164,8 +165,8 @@ def _rnn_grad_row(h, g, relu, da):
 def _rnn_cell_forward(x, h, Wx, Wh, b, relu):
     _wide()
     N, H = h.shape
-    xw = np.dot(x, Wx)
-    hw = np.dot(h, Wh)
+    xw = matmul(x, Wx)
+    hw = matmul(h, Wh)
     out = np.empty((N, H), dtype=h.dtype)
     for n in range(N):
         _rnn_act_row(xw[n], hw[n], b, relu, out[n])
@@ -178,10 +179,10 @@ def _rnn_cell_backward(x, h, h_new, Wx, Wh, dh_new, relu):
     da = np.empty((N, H), dtype=h.dtype)
     for n in range(N):
         _rnn_grad_row(h_new[n], dh_new[n], relu, da[n])
-    dx = np.dot(da, Wx.T)
-    dh = np.dot(da, Wh.T)
-    dWx = np.dot(x.T, da)
-    dWh = np.dot(h.T, da)
+    dx = matmul(da, Wx.T)
+    dh = matmul(da, Wh.T)
+    dWx = matmul(x.T, da)
+    dWh = matmul(h.T, da)
     return dx, dh, dWx, dWh, _col_sum(da)
 
 
@@ -211,7 +212,7 @@ def _rnn_forward(x, h0, Wx, Wh, b, relu):
     _wide()
     T, N, D = x.shape
     H = h0.shape[1]
-    xw = np.dot(x.reshape(T * N, D), Wx).reshape(T, N, H)   # all input projections at once
+    xw = matmul(x.reshape(T * N, D), Wx).reshape(T, N, H)   # all input projections at once
     hs = np.empty((T, N, H), dtype=x.dtype)
     hw = np.empty((N, H), dtype=x.dtype)
     Whb = _col_blocks(Wh, N)
@@ -256,7 +257,7 @@ def _rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, relu, input_grad):
 def _proj(x, Wx):
     """x (T, N, D) -> x Wx (T, N, G): the input projections of all steps, one GEMM."""
     T, N, D = x.shape
-    return np.dot(x.reshape(T * N, D), Wx).reshape(T, N, Wx.shape[1])
+    return matmul(x.reshape(T * N, D), Wx).reshape(T, N, Wx.shape[1])
 
 
 @jit(inline="always")
@@ -269,15 +270,15 @@ def _chunk_weight_grads(x, h0, hs, dzc, input_grad, Wx, dx, n0, n1):
     G = dzc.shape[2]
     dz2 = dzc.reshape(T * M, G)
     xc = np.ascontiguousarray(x[:, n0:n1]).reshape(T * M, D)
-    dWx = np.dot(xc.T, dz2)
+    dWx = matmul(xc.T, dz2)
     hp = np.empty((T, M, H), dtype=x.dtype)
     hp[0] = h0[n0:n1]
     if T > 1:
         hp[1:] = hs[:T - 1, n0:n1]
-    dWh = np.dot(hp.reshape(T * M, H).T, dz2)
+    dWh = matmul(hp.reshape(T * M, H).T, dz2)
     db = _col_sum(dz2)
     if input_grad:
-        dx[:, n0:n1] = np.dot(dz2, Wx.T).reshape(T, M, D)
+        dx[:, n0:n1] = matmul(dz2, Wx.T).reshape(T, M, D)
     return dWx, dWh, db
 
 

@@ -43,7 +43,8 @@ def cmd_info(args):
                     f"(fastbp.set_num_threads / NUMBA_NUM_THREADS)"),
         ("cpus", os.cpu_count()),
         ("BLAS (numpy)", f"{blas.get('name', '?')} {blas.get('version', '')}".strip()),
-        ("BLAS (kernels, scipy)", _scipy_blas()),
+        ("BLAS (kernels)", _kernels_blas()),
+        ("BLAS (scipy)", _scipy_blas()),
         ("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "-") +
          (" (set by user)" if config.USER_SET_WAIT_POLICY else " (set by fastbp)")),
         ("OPENBLAS_THREAD_TIMEOUT", f"{_blas.thread_timeout()} in force (2^n cycles; "
@@ -61,6 +62,17 @@ def cmd_info(args):
                "default" if v == config.DEFAULT_THRESHOLDS[k] else "set")
         print(f"  {k:<22} {v:>10}  ({src})")
     return 0
+
+
+def _kernels_blas():
+    """Which bundled OpenBLAS the kernels' GEMMs call (see fastbp/_blas.py)."""
+    from fastbp import _blas
+    if _blas.name is None:
+        return "none with CBLAS (kernels use Numba's np.dot through SciPy)"
+    why = ("FASTBP_BLAS" if os.environ.get("FASTBP_BLAS") else
+           "NumPy's spins longer: NumPy was imported before fastbp" if _blas.name == "scipy"
+           and _blas.numpy_lib is not None else "default")
+    return f"{_blas.name}'s OpenBLAS ({why}): {os.path.basename(_blas.library)}"
 
 
 def _scipy_blas():

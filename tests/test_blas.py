@@ -1,0 +1,175 @@
+"""The kernels' BLAS: which bundled OpenBLAS is chosen, ``_cblas.dot``/``matmul`` against
+NumPy, and the same gradients whichever library runs them."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastbp
+from fastbp import _blas, _cblas
+from fastbp._jit import jit
+
+both_libs = pytest.mark.skipif(_blas.numpy_lib is None or _blas.scipy_lib is None,
+                               reason="needs the OpenBLAS of both NumPy's and SciPy's wheels")
+
+
+def run_py(code, **env):
+    full = dict(os.environ)
+    for k in ("FASTBP_BLAS", "OPENBLAS_THREAD_TIMEOUT"):
+        full.pop(k, None)
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=full, timeout=600)
+
+
+CHOICE = "import fastbp._blas as b; print(b.name, b.thread_timeout())"
+
+
+@both_libs
+def test_numpy_blas_when_fastbp_comes_first():
+    p = run_py(CHOICE)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[-2:] == ["numpy", "20"]
+
+
+@both_libs
+def test_scipy_blas_when_numpy_loaded_first_with_long_spin():
+    """NumPy imported first keeps OpenBLAS's 2^28-cycle spin; SciPy's then has 2^20."""
+    p = run_py("import numpy; " + CHOICE)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[-2:] == ["scipy", "20"]
+    # the user's own OPENBLAS_THREAD_TIMEOUT reaches both libraries: NumPy's is used
+    p = run_py("import numpy; " + CHOICE, OPENBLAS_THREAD_TIMEOUT="18")
+    assert p.stdout.split()[-2:] == ["numpy", "18"], p.stderr
+
+
+@both_libs
+@pytest.mark.parametrize("lib", ["numpy", "scipy"])
+def test_forced_choice(lib):
+    p = run_py("import numpy; " + CHOICE, FASTBP_BLAS=lib)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[-2] == lib
+
+
+def test_bad_choice_is_a_clear_error():
+    p = run_py("import fastbp", FASTBP_BLAS="mkl")
+    assert p.returncode != 0
+    assert "FASTBP_BLAS" in p.stderr and "'mkl'" in p.stderr
+
+
+# --------------------------------------------------------------------------- dot / matmul
+@jit
+def _dot_c(a, b, out):
+    _cblas.dot(a, b, out)
+
+
+@jit
+def _dot_tn(a, b, out):                 # a passed as (K, M): the kernel sees aᵀ, F-layout
+    _cblas.dot(a.T, b, out)
+
+
+@jit
+def _dot_nt(a, b, out):
+    _cblas.dot(a, b.T, out)
+
+
+@jit
+def _dot_tt(a, b, out):
+    _cblas.dot(a.T, b.T, out)
+
+
+@jit
+def _matmul(a, b):
+    return _cblas.matmul(a, b)
+
+
+@jit
+def _dot_strided(a, b, out):            # every other column: 'A' layout, np.dot fallback
+    _cblas.dot(a[:, ::2], b, out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 5, 4), (17, 64, 33), (128, 7, 2)])
+def test_dot_all_transposes_match_numpy(rng, dtype, M, K, N):
+    a = rng.standard_normal((M, K)).astype(dtype)
+    b = rng.standard_normal((K, N)).astype(dtype)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for fn, aa, bb in ((_dot_c, a, b), (_dot_tn, a.T.copy(), b), (_dot_nt, a, b.T.copy()),
+                       (_dot_tt, a.T.copy(), b.T.copy())):
+        out = np.full((M, N), np.nan, dtype)
+        fn(aa, bb, out)
+        np.testing.assert_allclose(out, want, rtol=tol, atol=tol * np.abs(want).max())
+    got = _matmul(a, b)
+    assert got.dtype == dtype and got.shape == (M, N)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_dot_empty_and_strided(rng):
+    out = np.full((3, 4), np.nan)
+    _dot_c(np.zeros((3, 0)), np.zeros((0, 4)), out)          # K = 0: a zero product
+    assert (out == 0).all()
+    _dot_c(np.zeros((0, 5)), np.zeros((5, 4)), np.zeros((0, 4)))
+    a = rng.standard_normal((6, 10))
+    b = rng.standard_normal((5, 3))
+    out = np.empty((6, 3))
+    _dot_strided(a, b, out)
+    np.testing.assert_allclose(out, a[:, ::2] @ b, rtol=1e-12)
+
+
+def test_dot_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="incompatible shapes"):
+        _dot_c(np.ones((2, 3)), np.ones((4, 5)), np.ones((2, 5)))
+
+
+# --------------------------------------------------------------------------- both libraries
+GRADS = """
+import json, numpy as np, fastbp
+rng = np.random.default_rng(3)
+models = {
+    "mlp": (fastbp.Sequential(fastbp.Dense(12, 16), fastbp.ReLU(), fastbp.Dense(16, 5)), (9, 12)),
+    "cnn": (fastbp.Sequential(fastbp.Conv2D(3, 6, 3, padding=1), fastbp.ReLU(),
+                              fastbp.Conv2D(6, 4, (3, 2)), fastbp.MaxPool2D(2), fastbp.Flatten(),
+                              fastbp.Dense(4 * 3 * 3, 5)), (5, 3, 8, 7)),
+    "lstm": (fastbp.Sequential(fastbp.LSTM(4, 8, return_sequences=False), fastbp.Dense(8, 5)),
+             (6, 3, 4)),
+    "rnn": (fastbp.Sequential(fastbp.RNN(4, 8), fastbp.Dense(8, 5)), (6, 3, 4)),
+}
+out = {}
+for name, (model, shape) in models.items():
+    params = fastbp.init(model, seed=1, dtype=np.float64)
+    x = rng.standard_normal(shape)
+    y, cache = fastbp.forward(model, params, x)
+    dx, grads = fastbp.backward(model, params, cache, np.cos(y))
+    out[name] = [y.ravel().tolist(), dx.ravel().tolist()] + \\
+        [g.ravel().tolist() for d in grads for g in d.values()]
+print(json.dumps({"lib": fastbp._blas.name, "out": out}))
+"""
+
+
+@both_libs
+def test_same_gradients_on_either_library():
+    """Dense chains, stride-1 conv (the windowed CBLAS calls), RNN and LSTM give the same
+    float64 outputs and gradients on NumPy's and on SciPy's OpenBLAS."""
+    res = {}
+    for lib in ("numpy", "scipy"):
+        p = run_py(GRADS, FASTBP_BLAS=lib)
+        assert p.returncode == 0, p.stderr
+        got = json.loads(p.stdout.strip().splitlines()[-1])
+        assert got["lib"] == lib
+        res[lib] = got["out"]
+    for name in res["numpy"]:
+        for a, b in zip(res["numpy"][name], res["scipy"][name], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_info_names_the_kernels_blas():
+    p = subprocess.run([sys.executable, "-m", "fastbp", "info"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("BLAS (kernels)"))
+    assert (_blas.name or "none") in line
+    assert fastbp.__version__

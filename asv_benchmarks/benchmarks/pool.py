@@ -63,8 +63,12 @@ class PoolDispatch:
         self.dx = np.empty_like(self.x)
         for k in (PK.max_forward_2x2.serial, PK.max_forward_2x2.parallel):
             k(self.x, self.y, self.idx)
+        # the backward kernel works on flattened planes (N·C, OH·OW) → (N·C, H·W)
+        self.y2 = self.y.reshape(N * 8, 64)
+        self.idx2 = self.idx.reshape(N * 8, 64)
+        self.dx2 = self.dx.reshape(N * 8, 256)
         for k in (PK.max_backward.serial, PK.max_backward.parallel):
-            k(self.y, self.idx, self.dx)
+            k(self.y2, self.idx2, self.dx2)
 
     def time_max_forward_serial(self, work, dtype):
         PK.max_forward_2x2.serial(self.x, self.y, self.idx)
@@ -73,7 +77,7 @@ class PoolDispatch:
         PK.max_forward_2x2.parallel(self.x, self.y, self.idx)
 
     def time_max_backward_serial(self, work, dtype):
-        PK.max_backward.serial(self.y, self.idx, self.dx)
+        PK.max_backward.serial(self.y2, self.idx2, self.dx2)
 
     def time_max_backward_parallel(self, work, dtype):
-        PK.max_backward.parallel(self.y, self.idx, self.dx)
+        PK.max_backward.parallel(self.y2, self.idx2, self.dx2)

@@ -46,25 +46,22 @@ def max_forward(x, KH, KW, sh, sw, y, idx):
 
 @dual("pool")
 def max_backward(dy, idx, dx):
-    """Max pooling backward: dx[n,c].flat[idx[n,c,i,j]] += dy[n,c,i,j], zero elsewhere.
+    """Max pooling backward on flattened planes: dx[t, idx[t, u]] += dy[t, u], zero elsewhere.
 
-    dy, idx (N, C, OH, OW); dx (N, C, H, W) output (overwritten). Overlapping windows
-    (stride < size) accumulate.
+    dy, idx (N·C, OH·OW); dx (N·C, H·W) output (overwritten). Overlapping windows
+    (stride < size) accumulate. Each plane t is owned by one thread.
     """
-    N, C, H, Wd = dx.shape
-    OH, OW = dy.shape[2], dy.shape[3]
+    P, HW = dx.shape
+    Q = dy.shape[1]
     zero = dx.dtype.type(0)
-    for t in prange(N * C):
-        n = t // C
-        c = t - n * C
-        for h in range(H):
-            for w_ in range(Wd):
-                dx[n, c, h, w_] = zero
-        for i in range(OH):
-            for j in range(OW):
-                a = idx[n, c, i, j]
-                h = a // Wd
-                dx[n, c, h, a - h * Wd] += dy[n, c, i, j]
+    for t in prange(P):
+        plane = dx[t]
+        for v in range(HW):
+            plane[v] = zero
+        g = dy[t]
+        a = idx[t]
+        for u in range(Q):
+            plane[a[u]] += g[u]
 
 
 @dual("pool")
@@ -177,8 +174,11 @@ def maxpool2d_forward(x, size, stride=None):
 def maxpool2d_backward(dy, idx, x_shape):
     """Max pooling backward. dy, idx (N, C, OH, OW) → dx (x_shape) with
     dx.flat-per-plane[idx] += dy and zeros elsewhere."""
+    N, C, H, Wd = x_shape
     dx = np.empty(x_shape, dtype=dy.dtype)
-    max_backward(dy, idx, dx, work=dx.size + dy.size)
+    OH, OW = dy.shape[2], dy.shape[3]
+    max_backward(dy.reshape(N * C, OH * OW), idx.reshape(N * C, OH * OW),
+                 dx.reshape(N * C, H * Wd), work=dx.size + dy.size)
     return dx
 
 

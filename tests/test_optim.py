@@ -304,6 +304,21 @@ def test_update_same_serial_and_parallel(name, tname, kw, parallel_mode):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("name,tname,kw", CASES[1::2], ids=IDS[1::2])
+def test_update_mixed_big_and_small_arrays(name, tname, kw, parallel_mode):
+    """With a threshold between the arrays' sizes, the big arrays take the parallel build
+    and the small ones one serial call: the same numbers as all-serial, every array updated."""
+    from fastbp import config
+    params, grads = make_tree(np.float32), grad_seq(np.float32, 3)
+    parallel_mode(False, families=("optim",))
+    serial = run(getattr(O, name)(**kw), params, grads)[0]
+    config.set_parallel_threshold("optim", 12)          # W (4, 3) and W (3, 5) are "big"
+    mixed = run(getattr(O, name)(**kw), params, grads)[0]
+    for a, b, p in zip(_tree.leaves(serial), _tree.leaves(mixed), _tree.leaves(params)):
+        assert np.array_equal(a, b)
+        assert not np.array_equal(a, p)                   # updated, not left as it was
+
+
 def test_concurrent_updates_from_threads():
     params = [{"W": np.random.default_rng(0).standard_normal((300, 400)).astype(np.float32)}]
     grads = [{"W": np.random.default_rng(1).standard_normal((300, 400)).astype(np.float32)}]

@@ -72,3 +72,41 @@ def run(fn, chunks):
     if err is not None:
         raise err
     return out
+
+
+def run_items(fn, n_items, n_threads):
+    """``fn(i)`` for i in 0 .. n_items−1 on ``n_threads`` threads (the calling one and pool
+    threads), each claiming the next item as it finishes one: a thread that runs slower
+    (another process on its core) simply does fewer items. ``fn`` must not depend on
+    which thread runs an item. Re-raises the first error once all threads have stopped."""
+    if n_threads <= 1 or n_items <= 1:
+        for i in range(n_items):
+            fn(i)
+        return
+    items = iter(range(n_items))
+    lock = threading.Lock()
+    failed = []
+
+    def worker():
+        while not failed:
+            with lock:
+                i = next(items, None)
+            if i is None:
+                return
+            try:
+                fn(i)
+            except BaseException as e:
+                failed.append(e)
+                raise
+    futures = [_pool().submit(worker) for _ in range(min(n_threads, n_items) - 1)]
+    try:
+        worker()
+    except BaseException:
+        pass
+    for f in futures:
+        try:
+            f.result()
+        except BaseException:
+            pass
+    if failed:
+        raise failed[0]

@@ -280,6 +280,39 @@ def test_tap_matches_naive(case, group, split, rng, monkeypatch):
 
 
 @pytest.mark.skipif(not K._cblas.available, reason="SciPy's BLAS has no scipy_cblas_*gemm")
+@pytest.mark.parametrize("group", [1, 1 << 12], ids=["one-sample-groups", "small-groups"])
+def test_tap_same_bits_on_one_or_two_threads(group, rng, monkeypatch):
+    """The threads claim groups of samples as they go, and the weight gradient is summed
+    per group in group order: one thread and the split give bitwise the same float32."""
+    monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", group)
+    f = np.float32
+    x = rng.standard_normal((13, 4, 9, 8)).astype(f)
+    Wt = rng.standard_normal((6, 4, 3, 2)).astype(f)
+    b = rng.standard_normal(6).astype(f)
+    dy = rng.standard_normal((13, 6, 9, 9)).astype(f)
+    out = []
+    for split in (1 << 62, 0):
+        monkeypatch.setattr(K, "SPLIT_MACS", split)
+        y = K.conv2d_forward(x, Wt, b, 1, (1, 1), True, "tap")
+        out.append((y,) + K.conv2d_backward(x, Wt, dy, 1, (1, 1), True, True, y, "tap"))
+    for a, r in zip(*out):
+        np.testing.assert_array_equal(a, r)
+
+
+def test_pool_run_items_runs_each_item_once_and_reraises():
+    from fastbp import _pool
+    seen = []
+    _pool.run_items(seen.append, 50, 2)
+    assert sorted(seen) == list(range(50))
+
+    def boom(i):
+        if i == 7:
+            raise RuntimeError("item 7")
+    with pytest.raises(RuntimeError, match="item 7"):
+        _pool.run_items(boom, 20, 2)
+
+
+@pytest.mark.skipif(not K._cblas.available, reason="SciPy's BLAS has no scipy_cblas_*gemm")
 def test_tap_split_deterministic_and_float32(rng, monkeypatch):
     """With the batch split over threads, repeated calls are bitwise identical, float32
     stays float32 and agrees with float64."""

@@ -22,9 +22,12 @@ Three algorithms compute the same numbers:
 
 - ``tap`` (stride 1, the default when the bundled OpenBLAS exposes CBLAS): per-kernel-row
   GEMMs on shifted windows of the padded input, no im2col; see "per-tap GEMMs" below.
-  Samples are split over fastbp's Python threads (``fastbp._pool``) from SPLIT_MACS
-  multiply-adds, each chunk on one BLAS thread, weight-gradient partials summed in chunk
-  order (deterministic for a given thread count).
+  From SPLIT_MACS multiply-adds, fastbp's Python threads (``fastbp._pool.run_items``)
+  claim groups of samples one at a time, each on one BLAS thread; the weight gradient has
+  one partial per group, summed in group order, so the result is the same bits on any
+  thread count. (Claiming balances the threads: with a fixed half each, one thread of a
+  cifar conv2 backward took 8.7 ms and the other 10.0; claimed, the call took 9.9 ms
+  against 10.3.)
 
 - ``direct``: plain loops, parallel over (sample, output channel) for y, over
   (sample, input channel) for dx and over (output channel, input channel) for dW, so
@@ -620,9 +623,10 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
     """Gradients of samples n0:n1 by per-kernel-row GEMMs, g samples at a time.
 
     x (N, C, H, W), Wk (KH, F, KW, C), dy and y (N, F, OH, OW) (y read only when ``relu``:
-    dz = dy ⊙ [y > 0], else dz = dy). Accumulates dWt (KH, KW, C, F) += Σ_n dz ⋆ xp (so
-    dWt[p, q, c, f] is dW[f, c, p, q]; this orientation, R×F per kernel row, ran the GEMM
-    at 83-88 GFLOP/s on one thread against 57 for F×R) and db (F,) or (0,) += Σ_n,i,j dz; when
+    dz = dy ⊙ [y > 0], else dz = dy). Accumulates, per group of samples gi = s // g (n0 is
+    a multiple of g), dWt[gi] (KH, KW, C, F) += Σ_n dz ⋆ xp (dWt[gi, p, q, c, f] is that
+    group's part of dW[f, c, p, q]; this orientation, R×F per kernel row, ran the GEMM at
+    83-88 GFLOP/s on one thread against 57 for F×R) and db[gi] (F,) or (0,) += Σ_n,i,j dz; when
     ``input_grad`` writes dx[n0:n1] (N, C, H, W), the flipped-kernel correlation of dz in
     its scatter form. xbuf, zbuf, dbuf: flat scratch of at least KW·C·g·S, F·g·S and
     KW·C·g·S entries.
@@ -635,10 +639,12 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
     L = (OH - 1) * Wp + OW
     R = KW * C
     zero = dy.dtype.type(0)
-    has_bias = db.shape[0] > 0
+    has_bias = db.shape[1] > 0
+    block = KH * R * F                          # one group's dWt entries
     acc = np.zeros(OW, dtype=dy.dtype)
     for s in range(n0, n1, g):
         k = min(g, n1 - s)
+        gi = s // g
         xs = xbuf[:R * k * S].reshape(R, k * S)
         zg = zbuf[:F * k * S].reshape(F, k * S)
         _tap_pack(x, ph, pw, s, k, KW, xs)
@@ -664,11 +670,11 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
                 tot = zero
                 for j in range(OW):
                     tot += acc[j]
-                db[f] += tot
+                db[gi, f] += tot
         Lg = (k - 1) * S + L
         for p in range(KH):                     # dWt[p] (R×F) += xs window · dzgᵀ
             _cblas.gemm(False, True, R, F, Lg, xs, p * Wp, k * S, zg, 0, k * S, 1,
-                        dWt, p * R * F, F)
+                        dWt, gi * block + p * R * F, F)
         if input_grad:
             ds = dbuf[:R * k * S].reshape(R, k * S)
             ds[:, :] = zero
@@ -768,13 +774,10 @@ def tap_usable(C, F, H, Wd, stride, padding, KW):
             and _cblas.fits((2 * KW * C + F) * (H + 2 * ph) * (Wd + 2 * pw)))
 
 
-def _sample_chunks(N, macs):
-    """Sample ranges for the Python threads (``fastbp._pool``), or [(0, N)] when small."""
+def _tap_threads(N, macs):
+    """Threads for a tap call: fastbp's thread count from SPLIT_MACS multiply-adds, else 1."""
     k = min(config.get_num_threads(), N)
-    if k < 2 or macs < SPLIT_MACS:
-        return [(0, N)]
-    bounds = [N * i // k for i in range(k + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return k if k >= 2 and macs >= SPLIT_MACS else 1
 
 
 def _tap_forward(x, W, b, ph, pw, relu, y):
@@ -783,14 +786,17 @@ def _tap_forward(x, W, b, ph, pw, relu, y):
     OH, OW = y.shape[2], y.shape[3]
     S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
     Wk = np.ascontiguousarray(W.transpose(2, 0, 3, 1))
+    threads = _tap_threads(N, N * F * OH * OW * C * KH * KW)
 
     def run(n0, n1):
         _blas.use_for(0)
-        gg = min(g, n1 - n0)
-        xbuf = _workspace("tap_x", KW * C * gg * S, x.dtype)
-        tbuf = _workspace("tap_t", F * gg * S, x.dtype)
-        _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, gg, xbuf, tbuf, y)
-    _pool.run(run, _sample_chunks(N, N * F * OH * OW * C * KH * KW))
+        xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
+        tbuf = _workspace("tap_t", F * g * S, x.dtype)
+        _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, xbuf, tbuf, y)
+    if threads == 1:
+        run(0, N)
+    else:                 # groups claimed one at a time by the threads: balanced
+        _pool.run_items(lambda i: run(i * g, min(N, i * g + g)), -(-N // g), threads)
 
 
 def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
@@ -802,26 +808,34 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
     relu = y is not None
     yy = y if relu else dy
     dxo = dx if input_grad else np.empty((0, 1, 1, 1), dtype=x.dtype)
+    G = -(-N // g)
+    # per-group partials, summed in group order below: the same numbers whichever thread
+    # ran a group, and for any thread count
+    dWt = np.zeros((G, KH, KW, C, F), dtype=x.dtype)
+    dbg = np.zeros((G, db.shape[0]), dtype=x.dtype)
+    threads = _tap_threads(N, N * F * OH * OW * C * KH * KW * (2 if input_grad else 1))
 
     def run(n0, n1):
         _blas.use_for(0)
-        gg = min(g, n1 - n0)
-        xbuf = _workspace("tap_x", KW * C * gg * S, x.dtype)
-        zbuf = _workspace("tap_t", F * gg * S, x.dtype)
-        dbuf = _workspace("tap_d", KW * C * gg * S if input_grad else 0, x.dtype)
-        dWt = np.zeros((KH, KW, C, F), dtype=x.dtype)
-        dbp = np.zeros(db.shape[0], dtype=x.dtype)
-        _tap_backward_rows(x, Wk, dy, yy, relu, ph, pw, n0, n1, gg, input_grad,
-                           xbuf, zbuf, dbuf, dWt, dbp, dxo)
-        return dWt, dbp
-    macs = N * F * OH * OW * C * KH * KW * (2 if input_grad else 1)
-    parts = _pool.run(run, _sample_chunks(N, macs))
-    dWt, dbp = parts[0]
-    for a, bb in parts[1:]:                     # in chunk order: deterministic
-        dWt += a
-        dbp += bb
-    dW[...] = dWt.transpose(3, 2, 0, 1)
-    db[...] = dbp
+        xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
+        zbuf = _workspace("tap_t", F * g * S, x.dtype)
+        dbuf = _workspace("tap_d", KW * C * g * S if input_grad else 0, x.dtype)
+        _tap_backward_rows(x, Wk, dy, yy, relu, ph, pw, n0, n1, g, input_grad,
+                           xbuf, zbuf, dbuf, dWt, dbg, dxo)
+    if threads == 1:
+        run(0, N)
+    else:                 # groups claimed one at a time by the threads: balanced
+        _pool.run_items(lambda i: run(i * g, min(N, i * g + g)), G, threads)
+    dW[...] = _sum_groups(dWt).transpose(3, 2, 0, 1)
+    db[...] = _sum_groups(dbg)
+
+
+def _sum_groups(a):
+    """Σ over the first axis in index order (a fixed order: deterministic)."""
+    out = a[0].copy()
+    for i in range(1, a.shape[0]):
+        out += a[i]
+    return out
 
 
 def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto"):

@@ -39,8 +39,9 @@ if not USER_SET_WAIT_POLICY:
 # 24, 24-26 at 20, 23-26 at 16; mlp_mnist 1.4-1.5 at 28, 1.3-1.4 at 24, 1.3-2.5 at 20,
 # 1.5-3.0 at 16 (short spins put the workers to sleep between steps); mlp_large level.
 # 20 (~0.4 ms of spin) is the compromise. OpenBLAS reads the variable when it loads, so
-# this only takes effect when fastbp is imported before anything loads SciPy's BLAS
-# (``fastbp info`` shows the value in force).
+# this only reaches a library loaded after this line: SciPy's (fastbp loads it itself)
+# and NumPy's only when fastbp is imported before NumPy. fastbp._blas runs the kernels on
+# NumPy's OpenBLAS only when its spin is that short (``fastbp info`` shows both).
 USER_SET_BLAS_TIMEOUT = "OPENBLAS_THREAD_TIMEOUT" in os.environ
 if not USER_SET_BLAS_TIMEOUT:
     os.environ["OPENBLAS_THREAD_TIMEOUT"] = "20"

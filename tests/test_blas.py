@@ -173,3 +173,30 @@ def test_info_names_the_kernels_blas():
     line = next(ln for ln in p.stdout.splitlines() if ln.startswith("BLAS (kernels)"))
     assert (_blas.name or "none") in line
     assert fastbp.__version__
+
+
+def test_no_cblas_fallback_computes_windowed_gemm(rng):
+    """The shim bound when neither wheel has CBLAS (copies + Numba's np.dot) honours the
+    transposes, leading dimensions, offsets and beta the conv kernels use."""
+    import ctypes
+    from numba import cfunc, types
+    fb = cfunc(_cblas._sig(types.float64, types.int64))(_cblas._fallback)
+    P = ctypes.POINTER(ctypes.c_double)
+    fn = ctypes.CFUNCTYPE(None, *([ctypes.c_int64] * 6), ctypes.c_double, P, ctypes.c_int64,
+                          P, ctypes.c_int64, ctypes.c_double, P, ctypes.c_int64)(fb.address)
+    M, N, K, lda, ldb, ldc = 3, 4, 5, 9, 7, 6
+    for ta in (False, True):
+        for tb in (False, True):
+            for beta in (0.0, 1.0):
+                A = rng.standard_normal(((K if ta else M) * lda))
+                B = rng.standard_normal(((N if tb else K) * ldb))
+                C = rng.standard_normal(M * ldc)
+                a = A.reshape(-1, lda)[:, :M if ta else K]
+                b = B.reshape(-1, ldb)[:, :K if tb else N]
+                want = C.reshape(M, ldc).copy()
+                want[:, :N] = (a.T if ta else a) @ (b.T if tb else b) + beta * want[:, :N]
+                fn(_cblas.ROW_MAJOR, _cblas.TRANS if ta else _cblas.NO_TRANS,
+                   _cblas.TRANS if tb else _cblas.NO_TRANS, M, N, K, 1.0,
+                   A.ctypes.data_as(P), lda, B.ctypes.data_as(P), ldb, beta,
+                   C.ctypes.data_as(P), ldc)
+                np.testing.assert_allclose(C.reshape(M, ldc), want, rtol=1e-12, atol=1e-12)

@@ -170,6 +170,10 @@ _GROUP = 8  # arrays per kernel call: one compiled signature serves every model 
 
 def _flat(a):
     """``a`` as a 1-D C-contiguous writeable-typed array (a view when possible)."""
+    if a.ndim == 1:
+        f = a.flags
+        if f.c_contiguous and f.writeable:
+            return a
     r = a.ravel()
     return r if r.flags.writeable else r.copy()
 
@@ -177,34 +181,54 @@ def _flat(a):
 def _walk(p, os, nout, rows):
     """One pass over ``params`` (``p``) and the matching trees ``os`` (grads, buffers):
     checks them (as ``_row`` does, silently) and, per array, allocates ``nout`` outputs like it.
-    Appends ``(p, *os, *outs)`` to ``rows`` and returns the ``nout`` output trees, or
-    None at the first anomaly (``_rows`` then names it)."""
-    if isinstance(p, np.ndarray):
-        dt, shape = p.dtype, p.shape
+    Appends ``(p, *os, *flat_outs)`` to ``rows`` and returns the ``nout`` output trees, or
+    None at the first anomaly (``_rows`` then names it). Dict keys are visited in the
+    caller's order (the update is element-wise, so the order of the arrays is free)."""
+    tp = type(p)
+    if tp is np.ndarray:
+        dt = p.dtype
         if dt is not _F32 and dt is not _F64:   # identity first: the cheap common case
             if dt != _F32 and dt != _F64:
                 return None
             dt = _F32 if dt == _F32 else _F64
+        shape = p.shape
         for o in os:
-            if not isinstance(o, np.ndarray) or o.shape != shape or \
+            if type(o) is not np.ndarray or o.shape != shape or \
                     (o.dtype is not dt and o.dtype != dt):
+                if isinstance(o, np.ndarray) and o.shape == shape and o.dtype == dt:
+                    continue                      # an ndarray subclass
                 return None
-        outs = [np.empty(shape, dt) for _ in range(nout)]
-        rows.append((p, *os, *outs))
-        return outs
-    if isinstance(p, dict):
+        if nout == 1:
+            flat = np.empty(p.size, dt)
+            rows.append((p, *os, flat))
+            return (flat if len(shape) == 1 else flat.reshape(shape),)
+        flats = [np.empty(p.size, dt) for _ in range(nout)]
+        rows.append((p, *os, *flats))
+        if len(shape) == 1:
+            return flats
+        return [f.reshape(shape) for f in flats]
+    if tp is dict or (tp is not list and tp is not tuple and isinstance(p, dict)):
         keys = p.keys()
         for o in os:
             if not isinstance(o, dict) or o.keys() != keys:
                 return None
+        if nout == 1 and len(os) == 1:            # sgd: params and grads only
+            g = os[0]
+            out = {}
+            for k in p:
+                r = _walk(p[k], (g[k],), 1, rows)
+                if r is None:
+                    return None
+                out[k] = r[0]
+            return (out,)
         sub = {}
-        for k in sorted(p):
+        for k in p:
             r = _walk(p[k], [o[k] for o in os], nout, rows)
             if r is None:
                 return None
             sub[k] = r
-        return [{k: sub[k][j] for k in p} for j in range(nout)]   # caller's key order
-    if isinstance(p, (list, tuple)):
+        return [{k: sub[k][j] for k in p} for j in range(nout)]
+    if tp is list or tp is tuple or isinstance(p, (list, tuple)):
         n = len(p)
         for o in os:
             if not isinstance(o, (list, tuple)) or len(o) != n:
@@ -216,9 +240,13 @@ def _walk(p, os, nout, rows):
                 return None
             subs.append(r)
         make = list if isinstance(p, list) else tuple
+        if nout == 1:
+            return (make([s[0] for s in subs]),)
         return [make([s[j] for s in subs]) for j in range(nout)]
     if p is None and all(o is None for o in os):
         return [None] * nout
+    if isinstance(p, np.ndarray):               # an ndarray subclass
+        return _walk(np.asarray(p), os, nout, rows)
     return None
 
 
@@ -226,7 +254,8 @@ def _groups(rows):
     """Split rows into calls of ``_GROUP`` arrays of one dtype, padded with empty arrays.
 
     Yields ``(dtype, cols, work)``: ``cols[c]`` is the tuple of flat arrays of column
-    ``c`` of the rows, ``work`` the number of elements.
+    ``c`` of the rows (the outputs, last, are flat already), ``work`` the number of
+    elements.
     """
     dt0 = rows[0][0].dtype
     if all(r[0].dtype == dt0 for r in rows):

@@ -150,3 +150,36 @@ def test_pool_errors(Layer):
             Layer(bad)
     with pytest.raises(ValueError, match="stride"):
         Layer(2, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size, stride", [(2, 2), (3, 2), ((2, 3), (1, 2)), (3, 3)])
+def test_max_special_values_match_reference(size, stride, dtype, rng):
+    """The forward compares without NaN tests and redoes planes whose sum is NaN: NaN
+    anywhere (several per window too), +inf next to -inf (an inf − inf sum), ties, and
+    clean planes beside them all give the reference's values and arg-max positions."""
+    x = rng.integers(-3, 4, size=(2, 4, 7, 8)).astype(dtype)   # many ties
+    x[0, 0, 1, 1] = np.nan
+    x[0, 1, 0, 0] = x[0, 1, 0, 1] = x[0, 1, 1, 0] = np.nan     # several NaNs in one window
+    x[0, 2, 2, 2], x[0, 2, 5, 6] = np.inf, -np.inf             # plane sum inf − inf
+    x[1, 3, :, :] = -np.inf
+    x[1, 0, 3, :] = np.inf
+    y, idx = PK.maxpool2d_forward(x, size, stride)
+    y_ref, idx_ref = naive.maxpool2d(x, size, stride)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(idx, idx_ref)
+
+
+def test_max_serial_and_parallel_builds_agree(rng):
+    x = rng.standard_normal((3, 5, 10, 10)).astype(np.float32)
+    x[1, 2, 4, 4] = np.nan
+    for kernel, args in ((PK.max_forward_2x2, ()), (PK.max_forward, (3, 3, 2, 2))):
+        OH = 5 if not args else 4
+        outs = []
+        for build in (kernel.serial, kernel.parallel):
+            y = np.empty((3, 5, OH, OH), np.float32)
+            idx = np.empty((3, 5, OH, OH), np.int32)
+            build(x, *args, y, idx)
+            outs.append((y, idx))
+        np.testing.assert_array_equal(outs[0][0], outs[1][0])
+        np.testing.assert_array_equal(outs[0][1], outs[1][1])

@@ -7,12 +7,98 @@ N·C image planes (each thread owns the planes it writes: race-free, determinist
 Max pooling sends each output's gradient to its arg-max. The arg-max is found exactly as
 PyTorch's CPU kernel does: scanning the window row by row, a value replaces the current
 best when it is greater or NaN, so on ties the first position wins and a NaN is never
-passed over (the last NaN in the window wins).
+passed over (the last NaN in the window wins). The forward kernels compare without NaN
+tests and redo, with them, any plane whose values sum to NaN.
 """
 import numpy as np
 from numba import prange
 
-from .._jit import dual
+from .._jit import dual, jit
+
+
+@jit(inline="always")
+def _max_plane_exact(xp, KH, KW, sh, sw, yp, ip):
+    """One plane, PyTorch's rule literally: a value replaces the best when greater or NaN.
+    xp (H, W), yp and ip (OH, OW)."""
+    OH, OW = yp.shape
+    Wd = xp.shape[1]
+    for i in range(OH):
+        for j in range(OW):
+            h0 = i * sh
+            w0 = j * sw
+            best = xp[h0, w0]
+            arg = h0 * Wd + w0
+            for p in range(KH):
+                for q in range(KW):
+                    v = xp[h0 + p, w0 + q]
+                    if v > best or v != v:
+                        best = v
+                        arg = (h0 + p) * Wd + w0 + q
+            yp[i, j] = best
+            ip[i, j] = arg
+
+
+@jit(inline="always")
+def _max_plane(xp, KH, KW, sh, sw, yp, ip):
+    """One plane without NaN tests in the hot loop (they made it ~8x slower); ``s`` sums
+    every value read, and a plane whose sum is NaN (a NaN, or inf − inf) is redone by
+    ``_max_plane_exact``. Ordered comparisons give the same result on NaN-free data."""
+    OH, OW = yp.shape
+    Wd = xp.shape[1]
+    s = xp.dtype.type(0)
+    for i in range(OH):
+        for j in range(OW):
+            h0 = i * sh
+            w0 = j * sw
+            best = xp[h0, w0]
+            arg = h0 * Wd + w0
+            for p in range(KH):
+                row = xp[h0 + p]
+                for q in range(KW):
+                    v = row[w0 + q]
+                    s += v
+                    gt = v > best
+                    arg = (h0 + p) * Wd + w0 + q if gt else arg
+                    best = v if gt else best
+            yp[i, j] = best
+            ip[i, j] = arg
+    if s != s:
+        _max_plane_exact(xp, KH, KW, sh, sw, yp, ip)
+
+
+@jit(inline="always")
+def _max_plane_2x2(xp, yp, ip):
+    """``_max_plane`` for the 2×2 window with stride 2, unrolled."""
+    OH, OW = yp.shape
+    Wd = xp.shape[1]
+    s = xp.dtype.type(0)
+    for i in range(OH):
+        r0 = xp[2 * i]
+        r1 = xp[2 * i + 1]
+        yr = yp[i]
+        ir = ip[i]
+        base = 2 * i * Wd
+        for j in range(OW):
+            a = r0[2 * j]
+            b = r0[2 * j + 1]
+            c = r1[2 * j]
+            d = r1[2 * j + 1]
+            s += (a + b) + (c + d)
+            best = a
+            arg = base + 2 * j
+            if b > best:
+                best = b
+                arg = base + 2 * j + 1
+            if c > best:
+                best = c
+                arg = base + Wd + 2 * j
+            if d > best:
+                best = d
+                arg = base + Wd + 2 * j + 1
+            yr[j] = best
+            ir[j] = arg
+    if s != s:
+        _max_plane_exact(xp, 2, 2, 2, 2, yp, ip)
 
 
 @dual("pool")
@@ -23,25 +109,11 @@ def max_forward(x, KH, KW, sh, sw, y, idx):
     y[n,c,i,j] = max_{p<KH, q<KW} x[n,c,i·sh+p,j·sw+q]; idx = the flat position h·W + w of
     the arg-max in the plane (first on ties, NaN wins).
     """
-    N, C, H, Wd = x.shape
-    OH, OW = y.shape[2], y.shape[3]
+    N, C = x.shape[0], x.shape[1]
     for t in prange(N * C):
         n = t // C
         c = t - n * C
-        for i in range(OH):
-            for j in range(OW):
-                h0 = i * sh
-                w0 = j * sw
-                best = x[n, c, h0, w0]
-                arg = h0 * Wd + w0
-                for p in range(KH):
-                    for q in range(KW):
-                        v = x[n, c, h0 + p, w0 + q]
-                        if v > best or v != v:
-                            best = v
-                            arg = (h0 + p) * Wd + w0 + q
-                y[n, c, i, j] = best
-                idx[n, c, i, j] = arg
+        _max_plane(x[n, c], KH, KW, sh, sw, y[n, c], idx[n, c])
 
 
 @dual("pool")
@@ -68,31 +140,11 @@ def max_backward(dy, idx, dx):
 def max_forward_2x2(x, y, idx):
     """Max pooling forward for the common 2×2 window with stride 2 (same result as
     ``max_forward`` with KH = KW = sh = sw = 2; unrolled window)."""
-    N, C, H, Wd = x.shape
-    OH, OW = y.shape[2], y.shape[3]
+    N, C = x.shape[0], x.shape[1]
     for t in prange(N * C):
         n = t // C
         c = t - n * C
-        for i in range(OH):
-            h0 = 2 * i
-            for j in range(OW):
-                w0 = 2 * j
-                best = x[n, c, h0, w0]
-                arg = h0 * Wd + w0
-                v = x[n, c, h0, w0 + 1]
-                if v > best or v != v:
-                    best = v
-                    arg = h0 * Wd + w0 + 1
-                v = x[n, c, h0 + 1, w0]
-                if v > best or v != v:
-                    best = v
-                    arg = (h0 + 1) * Wd + w0
-                v = x[n, c, h0 + 1, w0 + 1]
-                if v > best or v != v:
-                    best = v
-                    arg = (h0 + 1) * Wd + w0 + 1
-                y[n, c, i, j] = best
-                idx[n, c, i, j] = arg
+        _max_plane_2x2(x[n, c], y[n, c], idx[n, c])
 
 
 @dual("pool")

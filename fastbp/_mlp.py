@@ -21,9 +21,28 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _EMPTY = {dt: np.zeros(0, dt) for dt in _FLOATS}
 
 
+class Plan:
+    """What a Dense [ReLU] chain needs per call, computed once per ``Sequential``.
+
+    pos[k]: index in ``layers`` of the k-th Dense; dense, relus, has_bias: per Dense;
+    wshapes[k] = (in, out), bshapes[k] = (out,); max_io: the largest in·out (GEMM size
+    for the BLAS thread choice = rows · max_io)."""
+    __slots__ = ("pos", "dense", "relus", "has_bias", "wshapes", "bshapes", "max_io", "rows")
+
+    def __init__(self, pos, dense, relus):
+        self.pos, self.dense, self.relus = tuple(pos), tuple(dense), tuple(relus)
+        self.has_bias = tuple(layer.bias for layer in dense)
+        self.wshapes = tuple((layer.in_features, layer.out_features) for layer in dense)
+        self.bshapes = tuple((layer.out_features,) for layer in dense)
+        self.max_io = max(a * b for a, b in self.wshapes)
+        self.rows = tuple(zip(self.pos, self.wshapes, self.has_bias, self.bshapes))
+
+    def __iter__(self):            # (positions, dense layers, relus), as a tuple unpacks
+        return iter((self.pos, self.dense, self.relus))
+
+
 def plan(layers):
-    """``(positions, dense layers, relus)`` when ``layers`` is Dense [ReLU] Dense [ReLU]...,
-    else None. ``positions[k]`` is the index of the k-th Dense in ``layers``."""
+    """A ``Plan`` when ``layers`` is Dense [ReLU] Dense [ReLU]..., else None."""
     pos, dense, relus = [], [], []
     i, n = 0, len(layers)
     while i < n:
@@ -36,44 +55,47 @@ def plan(layers):
         i += 2 if relu else 1
     if not dense:
         return None
-    return tuple(pos), tuple(dense), tuple(relus)
+    return Plan(pos, dense, relus)
+
+
+def _usable(a, dt, shape):
+    """``a`` as a C-contiguous writeable ndarray of dtype ``dt`` and ``shape``, or None."""
+    if type(a) is not np.ndarray or (a.dtype is not dt and a.dtype != dt) or a.shape != shape:
+        return None
+    f = a.flags
+    if not f.c_contiguous:
+        a = np.ascontiguousarray(a)
+    elif not f.writeable:              # read-only arrays are another numba type
+        return None
+    return a
 
 
 def _weights(plan_, params, dt):
-    pos, dense, _ = plan_
     Ws, bs = [], []
-    for i, layer in zip(pos, dense):
+    empty = _EMPTY[dt]
+    for i, wshape, has_b, bshape in plan_.rows:
         p = params[i]
         if type(p) is not dict:
             return None
-        W = p.get("W")
-        if type(W) is not np.ndarray or W.dtype != dt or \
-                W.shape != (layer.in_features, layer.out_features):
+        W = _usable(p.get("W"), dt, wshape)
+        if W is None:
             return None
-        if layer.bias:
-            b = p.get("b")
-            if type(b) is not np.ndarray or b.dtype != dt or b.shape != (layer.out_features,):
+        if has_b:
+            b = _usable(p.get("b"), dt, bshape)
+            if b is None:
                 return None
-            b = np.ascontiguousarray(b)
         else:
-            b = _EMPTY[dt]
-        W = np.ascontiguousarray(W)
-        if not (W.flags.writeable and b.flags.writeable):   # read-only: another numba type
-            return None
+            b = empty
         Ws.append(W)
         bs.append(b)
     return tuple(Ws), tuple(bs)
-
-
-def _use_blas(M, dense):
-    _blas.use_for(max(M * layer.in_features * layer.out_features for layer in dense))
 
 
 def forward(plan_, n_layers, params, x):
     """``(y, caches)`` like the layer-by-layer path, or None (take the general path)."""
     if type(x) is not np.ndarray:
         return None
-    pos, dense, relus = plan_
+    pos, dense, relus = plan_.pos, plan_.dense, plan_.relus
     dt = x.dtype
     if dt not in _FLOATS or x.ndim < 1 or x.shape[-1] != dense[0].in_features or x.size == 0:
         return None
@@ -86,8 +108,8 @@ def forward(plan_, n_layers, params, x):
     if not x2.flags.writeable:
         return None
     M = x2.shape[0]
-    ys = tuple(np.empty((M, layer.out_features), dt) for layer in dense)
-    _use_blas(M, dense)
+    ys = tuple([np.empty((M, b[0]), dt) for b in plan_.bshapes])
+    _blas.use_for(M * plan_.max_io)
     D.mlp_forward(x2, Ws, bs, relus, ys)
     caches = [FUSED] * n_layers
     h = x2
@@ -99,7 +121,7 @@ def forward(plan_, n_layers, params, x):
 
 def backward(plan_, n_layers, params, cache, dy, input_grad):
     """``(dx, grads)`` like the layer-by-layer path, or None (take the general path)."""
-    pos, dense, relus = plan_
+    pos, dense, relus = plan_.pos, plan_.dense, plan_.relus
     if type(dy) is not np.ndarray or type(cache) is not list or len(cache) != n_layers:
         return None
     first = cache[pos[0]]
@@ -129,14 +151,15 @@ def backward(plan_, n_layers, params, cache, dy, input_grad):
     dy2 = np.ascontiguousarray(dy).reshape(-1, dense[-1].out_features)
     if not (dy2.flags.writeable and x2.flags.writeable and x2.flags.c_contiguous):
         return None
-    dWs = tuple(np.empty_like(W) for W in Ws)
-    dbs = tuple(np.empty(layer.out_features, dt) if layer.bias else _EMPTY[dt]
-                for layer in dense)
-    has_bias = tuple(layer.bias for layer in dense)
-    _use_blas(x2.shape[0], dense)
-    dx2 = D.mlp_backward(x2, Ws, tuple(ys), dy2, relus, has_bias, bool(input_grad), dWs, dbs)
+    dWs = tuple([np.empty(shape, dt) for shape in plan_.wshapes])
+    empty = _EMPTY[dt]
+    dbs = tuple([np.empty(shape, dt) if has_b else empty
+                 for has_b, shape in zip(plan_.has_bias, plan_.bshapes)])
+    _blas.use_for(x2.shape[0] * plan_.max_io)
+    dx2 = D.mlp_backward(x2, Ws, tuple(ys), dy2, relus, plan_.has_bias, bool(input_grad),
+                         dWs, dbs)
     grads = [{} for _ in range(n_layers)]
     for k, i in enumerate(pos):
-        grads[i] = {"W": dWs[k], "b": dbs[k]} if dense[k].bias else {"W": dWs[k]}
+        grads[i] = {"W": dWs[k], "b": dbs[k]} if plan_.has_bias[k] else {"W": dWs[k]}
     dx = dx2.reshape(first[3]) if input_grad else None
     return dx, grads

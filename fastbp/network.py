@@ -189,7 +189,8 @@ def forward(model, params, x, train=False, seed=None):
     train: enables Dropout / NoisyReLU noise. seed: seeds that noise (``None``: fresh
     entropy). x: the model's input, in the params' dtype.
     """
-    _check_model("forward", model)
+    if type(model) is not Sequential:
+        _check_model("forward", model)
     return model.forward(params, x, train=train, rng=_LazyRng(seed))
 
 
@@ -199,6 +200,8 @@ def backward(model, params, cache, dy, input_grad=True):
     Returns ``(dx, grads)``: grads has the structure and shapes of params; dx is the
     gradient w.r.t. the input, or ``None`` when ``input_grad=False`` (its work is skipped).
     """
+    if type(model) is Sequential:
+        return model.backward(params, cache, dy, input_grad=input_grad)
     _check_model("backward", model)
     if _accepts_input_grad(model):
         return model.backward(params, cache, dy, input_grad=input_grad)

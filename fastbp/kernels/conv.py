@@ -20,8 +20,9 @@ where ``xp`` is x zero-padded by (ph, pw). Backward, with ``dy = ∂L/∂y``:
 
 Three algorithms compute the same numbers:
 
-- ``tap`` (stride 1, the default when the bundled OpenBLAS exposes CBLAS): per-kernel-row
-  GEMMs on shifted windows of the padded input, no im2col; see "per-tap GEMMs" below.
+- ``tap`` (stride 1 from TAP_MIN_CHANNELS input channels, the default when the bundled
+  OpenBLAS exposes CBLAS): per-kernel-row GEMMs on shifted windows of the padded input,
+  no im2col; see "per-tap GEMMs" below.
   From SPLIT_MACS multiply-adds, fastbp's Python threads (``fastbp._pool.run_items``)
   claim groups of samples one at a time, each on one BLAS thread; the weight gradient has
   one partial per group, summed in group order, so the result is the same bits on any
@@ -43,7 +44,7 @@ Three algorithms compute the same numbers:
   (no GEMM work is spent on the zeros of the dilation).
 
 ``conv2d_forward``/``conv2d_backward`` pick ``direct`` for tiny problems (``DIRECT_MAX_WORK``),
-``tap`` for stride 1, else ``gemm``; without CBLAS, stride 1 with few input channels
+``tap`` for stride 1 (one input channel: direct forward and dW), else ``gemm``; without CBLAS, stride 1 with few input channels
 (``DIRECT_MAX_CHANNELS``) runs ``direct`` (measured; see asv_benchmarks/benchmarks/conv.py).
 """
 import threading
@@ -68,9 +69,14 @@ FLIPPED_DX_GEMM = True          # stride-1 GEMM dx: flipped-kernel im2col (True)
 # 2^17 .. 2^23 measured within noise of each other on the busy 2-vCPU dev machine.
 CHUNK_ELEMENTS = 1 << 21
 # Per-tap GEMMs (stride 1, CBLAS) from this many input channels. Measured (2 threads, float32,
-# asv conv.Conv2D, GFLOP/s forward/backward): C = 1 tap 29/17 vs direct 29/4.5 (dW alone a
-# tie); C = 3 tap 59-77/54 vs direct 32/5 and gemm 18/9; C = 32 tap 97/87 vs gemm 40/36.
-TAP_MIN_CHANNELS = 1
+# asv conv.Conv2D, GFLOP/s forward/backward) on the Intel AVX-512 machine: C = 1 tap 29/17 vs
+# direct 29/4.5 (dW alone a tie); C = 3 tap 59-77/54 vs direct 32/5 and gemm 18/9; C = 32
+# tap 97/87 vs gemm 40/36. On an AMD EPYC (Zen 3, AVX2) 2-vCPU machine, interleaved medians,
+# ms, direct vs tap: lenet conv1 (64×1×28×28, 8@5×5) forward 0.74 vs 1.20 and dW alone 1.88
+# vs 2.53; C = 2 forward 1.14 vs 1.95; C = 3 tap wins (forward 1.92 vs 2.26, dW 4.2 vs 6.4).
+# So one input channel runs direct (forward, and dW when no dx is wanted: the direct dx
+# loses 2.5x, so with dx the backward stays on taps).
+TAP_MIN_CHANNELS = 2
 # scratch entries per group of samples (packed input + output grid), sized to stay in L2
 TAP_GROUP_ELEMENTS = 1 << 17
 # Multiply-adds from which a tap call splits its samples over fastbp's Python threads
@@ -716,13 +722,16 @@ def choose_method(C, stride, work):
     return "gemm"
 
 
-def choose_backward(C, stride, work):
+def choose_backward(C, stride, work, input_grad=True):
     """(method for dW, method for dx): both ``"direct"`` when tiny, both ``"tap"`` where
-    ``choose_method`` picks it, else dW ``"direct"`` for stride 1 with at most
-    DIRECT_DW_MAX_CHANNELS input channels and dx ``"gemm"``."""
+    ``choose_method`` picks it (or, with CBLAS and stride 1, below TAP_MIN_CHANNELS when dx
+    is wanted), else dW ``"direct"`` for stride 1 with at most DIRECT_DW_MAX_CHANNELS input
+    channels and dx ``"gemm"``."""
     if work < DIRECT_MAX_WORK:
         return "direct", "direct"
     if choose_method(C, stride, work) == "tap":
+        return "tap", "tap"
+    if input_grad and tuple(stride) == (1, 1) and _cblas.available:
         return "tap", "tap"
     if C <= DIRECT_DW_MAX_CHANNELS and tuple(stride) == (1, 1):
         return "direct", "gemm"
@@ -949,7 +958,7 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
     R, P = C * KH * KW, OH * OW
     work = 2 * N * F * P * R
     if method == "auto":
-        wm, xm = choose_backward(C, (sh, sw), work)
+        wm, xm = choose_backward(C, (sh, sw), work, input_grad)
     else:
         wm = xm = method
     dW = np.zeros((F, C, KH, KW), dtype=dtype)

@@ -37,9 +37,6 @@ class Plan:
         self.max_io = max(a * b for a, b in self.wshapes)
         self.rows = tuple(zip(self.pos, self.wshapes, self.has_bias, self.bshapes))
 
-    def __iter__(self):            # (positions, dense layers, relus), as a tuple unpacks
-        return iter((self.pos, self.dense, self.relus))
-
 
 def plan(layers):
     """A ``Plan`` when ``layers`` is Dense [ReLU] Dense [ReLU]..., else None."""

@@ -389,17 +389,19 @@ def im2col_flat(xp, n0, KH, KW, OH, cols):
 
 
 @dual("conv")
-def gemm_to_nchw(t, b, n0, relu, pitch, PX, y):
-    """Scatter a GEMM result into NCHW, adding the bias and applying ReLU.
+def gemm_to_nchw(t, b, n0, m, relu, pitch, PX, y):
+    """Scatter a GEMM result for samples n0 .. n0+m−1 into NCHW, adding the bias and
+    applying ReLU.
 
-    t (F, m·PX), b (F,) or (0,), y (N, F, OH, OW) output, pitch >= OW, PX >= OH·pitch
-    (each sample's columns, e.g. OH·pitch, or a whole padded plane):
+    t (F, ≥ (m−1)·PX + (OH−1)·pitch + OW), b (F,) or (0,), y (N, F, OH, OW) output; a
+    sample's columns start every PX, its rows every pitch (≥ OW): PX = OH·pitch or a whole
+    padded plane when samples sit side by side, PX = Wp and pitch = m·Wp when their rows
+    are interleaved (the per-tap GEMMs).
     y[n0+k, f, i, j] = t[f, k·PX + i·pitch + j] + b[f]; then max(·, 0) if ``relu``.
     Parallel over (k, f).
     """
     F = t.shape[0]
     OH, OW = y.shape[2], y.shape[3]
-    m = t.shape[1] // PX
     zero = t.dtype.type(0)
     has_bias = b.shape[0] > 0
     for u in prange(m * F):
@@ -543,6 +545,8 @@ def _gemm(a, b, out):
 
 
 
+_to_nchw_serial = gemm_to_nchw.serial    # called from the compiled per-tap loops
+
 # ---------------------------------------------------------------------------- per-tap GEMMs
 # Stride 1: no im2col. A group of k samples is zero-padded and flattened channel-major with
 # the plane rows of the k samples interleaved: xg[c, (h·k + kk)·Wp + w] = xp[s+kk, c, h, w]
@@ -597,31 +601,6 @@ def _tap_pack(x, ph, pw, s, k, KW, xs):
                 dst[v] = zero
 
 
-@jit(inline="always")
-def _tap_to_nchw(t, b, s, k, relu, Wp, y):
-    """y[s+kk, f, i, j] = t[f, (i·k + kk)·Wp + j] + b[f], then max(·, 0) if ``relu``
-    (NaN passes through, as in ``gemm_to_nchw``)."""
-    F = t.shape[0]
-    OH, OW = y.shape[2], y.shape[3]
-    zero = t.dtype.type(0)
-    has_bias = b.shape[0] > 0
-    for f in range(F):
-        tf = t[f]
-        b0 = b[f] if has_bias else zero
-        for kk in range(k):
-            for i in range(OH):
-                o = (i * k + kk) * Wp
-                src = tf[o:o + OW]
-                dst = y[s + kk, f, i]
-                if relu:
-                    for j in range(OW):
-                        v = src[j] + b0
-                        dst[j] = v if not v < zero else zero
-                else:
-                    for j in range(OW):
-                        dst[j] = src[j] + b0
-
-
 @jit
 def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, xbuf, tbuf, y):
     """y[n0:n1] by per-kernel-row GEMMs, g samples at a time.
@@ -647,7 +626,7 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, xbuf, tbuf, y):
         for p in range(KH):
             _cblas.gemm(False, False, F, L, R, Wk, p * F * R, R,
                         xs, p * k * Wp, T, 0 if p == 0 else 1, t, 0, L)
-        _tap_to_nchw(t, b, s, k, relu, Wp, y)
+        _to_nchw_serial(t, b, s, k, relu, k * Wp, Wp, y)
 
 
 @jit
@@ -928,7 +907,7 @@ def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto"):
         else:
             im2col(x, n0, KH, KW, sh, sw, ph, pw, OH, OW, cols, work=R * k * P)
         _gemm(W2, cols, t)
-        gemm_to_nchw(t, b, n0, relu, pitch, PX, y, work=F * k * P)
+        gemm_to_nchw(t, b, n0, k, relu, pitch, PX, y, work=F * k * P)
     return y
 
 
@@ -958,7 +937,7 @@ def _flipped_dx_gemm(dy, y, W, ph, pw, dx):
         t = tbuf[:C * k * PX].reshape(C, k * PX)
         im2col_flat(dzp, n0, KH, KW, H, c, work=R * k * PX)
         _gemm(Wf, c, t)
-        gemm_to_nchw(t, none, n0, False, pitch, PX, dx, work=C * k * H * Wd)
+        gemm_to_nchw(t, none, n0, k, False, pitch, PX, dx, work=C * k * H * Wd)
 
 
 def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=True, y=None,

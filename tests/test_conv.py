@@ -238,12 +238,19 @@ def test_choose_method(monkeypatch):
     assert K.choose_method(64, (2, 2), K.DIRECT_MAX_WORK - 1) == "direct"
     assert K.choose_method(64, (1, 1), big) == ("tap" if K._cblas.available else "gemm")
     assert K.choose_method(64, (2, 1), big) == "gemm"
-    assert K.choose_method(1, (1, 1), big) == "direct"
     assert K.choose_method(2, (1, 1), big) == ("tap" if K._cblas.available else "direct")
     assert K.choose_method(1, (2, 1), big) == "gemm"
-    # one input channel: direct dW alone; with dx wanted, taps (when CBLAS is there)
+    # one input channel without AVX-512: direct forward and dW alone; with dx wanted, taps
+    monkeypatch.setattr(K, "TAP_MIN_CHANNELS", 2)
+    assert K.choose_method(1, (1, 1), big) == "direct"
     assert K.choose_backward(1, (1, 1), big, input_grad=False) == ("direct", "gemm")
     assert K.choose_backward(1, (1, 1), big, input_grad=True) == \
+        (("tap", "tap") if K._cblas.available else ("direct", "gemm"))
+    # with AVX-512 (OpenBLAS's 512-bit GEMM kernels) one channel runs on taps too
+    monkeypatch.setattr(K, "TAP_MIN_CHANNELS", 1)
+    tap = "tap" if K._cblas.available else "direct"
+    assert K.choose_method(1, (1, 1), big) == tap
+    assert K.choose_backward(1, (1, 1), big, input_grad=False) == \
         (("tap", "tap") if K._cblas.available else ("direct", "gemm"))
     monkeypatch.setattr(K._cblas, "available", False)        # SciPy without OpenBLAS CBLAS
     assert K.choose_method(64, (1, 1), big) == "gemm"

@@ -74,9 +74,21 @@ CHUNK_ELEMENTS = 1 << 21
 # tap 97/87 vs gemm 40/36. On an AMD EPYC (Zen 3, AVX2) 2-vCPU machine, interleaved medians,
 # ms, direct vs tap: lenet conv1 (64×1×28×28, 8@5×5) forward 0.74 vs 1.20 and dW alone 1.88
 # vs 2.53; C = 2 forward 1.14 vs 1.95; C = 3 tap wins (forward 1.92 vs 2.26, dW 4.2 vs 6.4).
-# So one input channel runs direct (forward, and dW when no dx is wanted: the direct dx
-# loses 2.5x, so with dx the backward stays on taps).
-TAP_MIN_CHANNELS = 2
+# On a second Intel AVX-512 machine (Xeon, AMX) the same lenet conv1 went the other way,
+# best of three medians, ms, direct vs tap: forward 0.79-0.84 vs 0.54, backward without dx
+# 1.36-1.41 vs 0.95. OpenBLAS's AVX-512 GEMM kernels make the taps win there; the direct
+# loops (256-bit vectors) gain nothing. So with AVX-512 every channel count runs on taps;
+# without it one input channel runs direct (forward, and dW when no dx is wanted: the
+# direct dx loses 2.5x, so with dx the backward stays on taps).
+def _host_avx512():
+    try:
+        from llvmlite import binding as ll
+        return bool(ll.get_host_cpu_features().get("avx512f", False))
+    except Exception:           # an llvmlite without the query: the conservative choice
+        return False
+
+
+TAP_MIN_CHANNELS = 1 if _host_avx512() else 2
 # scratch entries per group of samples (packed input + output grid), sized to stay in L2
 TAP_GROUP_ELEMENTS = 1 << 17
 # Multiply-adds from which a tap call splits its samples over fastbp's Python threads

@@ -268,10 +268,13 @@ TAP_CASES = [  # N, C, H, W, F, KH, KW, ph, pw
 @pytest.mark.parametrize("case", TAP_CASES, ids=str)
 @pytest.mark.parametrize("group", [1, 1 << 17], ids=["one-sample-groups", "big-groups"])
 @pytest.mark.parametrize("split", [False, True])
-def test_tap_matches_naive(case, group, split, rng, monkeypatch):
-    """Per-tap GEMMs (also with padding >= kernel, groups of samples and the batch split
-    over threads) give the plain-loop numbers: y, fused ReLU, dx, dW, db."""
+@pytest.mark.parametrize("transposed", [False, True], ids=["F-by-pixels", "pixels-by-F"])
+def test_tap_matches_naive(case, group, split, transposed, rng, monkeypatch):
+    """Per-tap GEMMs (also with padding >= kernel, groups of samples, the batch split
+    over threads and either forward GEMM orientation) give the plain-loop numbers: y,
+    fused ReLU, dx, dW, db, and y without a bias."""
     N, C, H, Wd, F, KH, KW, ph, pw = case
+    monkeypatch.setattr(K, "TAP_T_MIN_K", 0 if transposed else 1 << 30)
     monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", group)
     monkeypatch.setattr(K, "SPLIT_MACS", 0 if split else 1 << 62)
     x = rng.standard_normal((N, C, H, Wd))
@@ -281,6 +284,8 @@ def test_tap_matches_naive(case, group, split, rng, monkeypatch):
     dy = rng.standard_normal(yr.shape)
     y = K.conv2d_forward(x, Wt, b, 1, (ph, pw), True, "tap")
     np.testing.assert_allclose(y, np.maximum(yr, 0), rtol=1e-12, atol=1e-12)
+    y0 = K.conv2d_forward(x, Wt, np.zeros(0), 1, (ph, pw), False, "tap")
+    np.testing.assert_allclose(y0, yr - b[:, None, None], rtol=1e-12, atol=1e-12)
     ref = naive.conv2d_backward_direct(x, Wt, dy * (yr > 0), 1, (ph, pw))
     got = K.conv2d_backward(x, Wt, dy, 1, (ph, pw), True, True, y, "tap")
     for a, r in zip(got, ref):

@@ -557,7 +557,6 @@ def _gemm(a, b, out):
 
 
 
-_to_nchw_serial = gemm_to_nchw.serial    # called from the compiled per-tap loops
 
 # ---------------------------------------------------------------------------- per-tap GEMMs
 # Stride 1: no im2col. A group of k samples is zero-padded and flattened channel-major with
@@ -568,6 +567,7 @@ _to_nchw_serial = gemm_to_nchw.serial    # called from the compiled per-tap loop
 # one GEMM with K = KW·C by packing KW shifted copies, xs[q·C + c, v] = xg[c, v + q]; with
 # Wk[p] (F, KW·C), Wk[p][f, q·C + c] = W[f, c, p, q], off = p·k·Wp and L = OH·k·Wp:
 #   forward  t[:, u]             += Wk[p] · xs[:, u + off]            (F×KW·C)·(KW·C×L)
+#            (or its transpose tT (L×F) from TAP_T_MIN_K rows KW·C: a faster GEMM there)
 #   dWt[p] (KW·C×F)              += xs[:, off:off + L] · dzgᵀ          (KW·C×L)·(L×F)
 #   ds[:, u + off]               += Wk[p]ᵀ · dzg[:, u]                 (KW·C×F)·(F×L)
 #   dxg[c, v]                     = Σ_q ds[q·C + c, v − q]
@@ -613,8 +613,40 @@ def _tap_pack(x, ph, pw, s, k, KW, xs):
                 dst[v] = zero
 
 
+_to_nchw_serial = gemm_to_nchw.serial    # called from the compiled per-tap loops
+# From this many rows of a kernel-row GEMM (KW·C) the forward computes the transposed
+# output (pixels × F). Alternating runs, 2 threads, min of 8 medians, ms, transposed vs
+# not: cifar conv2 (KW·C = 96) 5.67-5.79 vs 6.52-7.14, lenet conv2 (40) 0.39-0.51 vs
+# 0.48-0.52; lenet conv1 (5) level; cifar conv1 (9) 1.18-1.62 vs 0.95-1.10.
+TAP_T_MIN_K = 32
+
+
+@jit(inline="always")
+def _tap_scatter(t, b, s, k, Wp, relu, y):
+    """y[s+kk, f, i, j] = t[(i·k + kk)·Wp + j, f] + b[f] (then max(·, 0) if ``relu``) for
+    the k samples of a group: t (≥ OH·k·Wp, F) is the transposed GEMM result (pixels by
+    rows, channels along them), b (F,) or (0,)."""
+    F = t.shape[1]
+    OH, OW = y.shape[2], y.shape[3]
+    zero = t.dtype.type(0)
+    has_bias = b.shape[0] > 0
+    for kk in range(k):
+        for i in range(OH):
+            tile = t[(i * k + kk) * Wp:(i * k + kk) * Wp + OW]      # (OW, F), in L1
+            for f in range(F):
+                b0 = b[f] if has_bias else zero
+                dst = y[s + kk, f, i]
+                if relu:
+                    for j in range(OW):
+                        v = tile[j, f] + b0
+                        dst[j] = v if not v < zero else zero
+                else:
+                    for j in range(OW):
+                        dst[j] = tile[j, f] + b0
+
+
 @jit
-def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, xbuf, tbuf, y):
+def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf, y):
     """y[n0:n1] by per-kernel-row GEMMs, g samples at a time.
 
     x (N, C, H, W), Wk (KH, F, KW, C) = W transposed (Wk[p, f, q, c] = W[f, c, p, q]),
@@ -633,12 +665,19 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, xbuf, tbuf, y):
         T = Hp * k * Wp
         L = OH * k * Wp
         xs = xbuf[:R * T].reshape(R, T)
-        t = tbuf[:F * L].reshape(F, L)
         _tap_pack(x, ph, pw, s, k, KW, xs)
-        for p in range(KH):
-            _cblas.gemm(False, False, F, L, R, Wk, p * F * R, R,
-                        xs, p * k * Wp, T, 0 if p == 0 else 1, t, 0, L)
-        _to_nchw_serial(t, b, s, k, relu, k * Wp, Wp, y)
+        if transposed:
+            tt = tbuf[:L * F].reshape(L, F)
+            for p in range(KH):                 # tT (L×F) += xs windowᵀ · Wk[p]ᵀ
+                _cblas.gemm(True, True, L, F, R, xs, p * k * Wp, T,
+                            Wk, p * F * R, R, 0 if p == 0 else 1, tt, 0, F)
+            _tap_scatter(tt, b, s, k, Wp, relu, y)
+        else:
+            t = tbuf[:F * L].reshape(F, L)
+            for p in range(KH):                 # t (F×L) += Wk[p] · xs window
+                _cblas.gemm(False, False, F, L, R, Wk, p * F * R, R,
+                            xs, p * k * Wp, T, 0 if p == 0 else 1, t, 0, L)
+            _to_nchw_serial(t, b, s, k, relu, k * Wp, Wp, y)
 
 
 @jit
@@ -816,12 +855,13 @@ def _tap_forward(x, W, b, ph, pw, relu, y):
     S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
     Wk = np.ascontiguousarray(W.transpose(2, 0, 3, 1))
     threads = _tap_threads(N, N * F * OH * OW * C * KH * KW)
+    transposed = KW * C >= TAP_T_MIN_K
 
     def run(n0, n1):
         _blas.use_for(0)
         xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
         tbuf = _workspace("tap_t", F * g * S, x.dtype)
-        _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, xbuf, tbuf, y)
+        _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf, y)
     if threads == 1:
         run(0, N)
     else:                 # groups claimed one at a time by the threads: balanced

@@ -45,11 +45,17 @@ def cmd_info(args):
         ("BLAS (numpy)", f"{blas.get('name', '?')} {blas.get('version', '')}".strip()),
         ("BLAS (kernels)", _kernels_blas()),
         ("BLAS (scipy)", _scipy_blas()),
+        ("BLAS (conv taps)", (f"MKL sequential (FASTBP_MKL=1): {_blas.mkl.version}"
+                              if _blas.mkl is not None else "as the kernels (FASTBP_MKL=1 for MKL)")),
         ("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "-") +
-         (" (set by user)" if config.USER_SET_WAIT_POLICY else " (set by fastbp)")),
+         (" (set by user)" if config.USER_SET_WAIT_POLICY else
+          " (set by fastbp)" if "OMP_WAIT_POLICY" in config.SET_BY_FASTBP else
+          " (FASTBP_ENV_DEFAULTS=0)")),
         ("OPENBLAS_THREAD_TIMEOUT", f"{_blas.thread_timeout()} in force (2^n cycles; "
                                     + ("set by user)" if config.USER_SET_BLAS_TIMEOUT
-                                       else "fastbp asks for 20)")),
+                                       else "fastbp asks for 20)"
+                                       if "OPENBLAS_THREAD_TIMEOUT" in config.SET_BY_FASTBP
+                                       else "FASTBP_ENV_DEFAULTS=0)")),
         ("malloc", _malloc.state),
         ("cache dir", f"{config.CACHE_DIR or '-'} ({config.CACHE_SOURCE})"),
     ]

@@ -18,6 +18,18 @@ library chosen here:
 ``FASTBP_BLAS=numpy`` or ``FASTBP_BLAS=scipy`` forces the choice (when that library has
 CBLAS). ``name`` and ``library`` say what is in use; ``fastbp info`` prints them.
 
+One-thread GEMMs on MKL (optional, ``pip install "fastbp[mkl]"``). The per-tap conv
+kernels run many small GEMMs, each on one BLAS thread of its own Python thread. On those
+shapes OpenBLAS is weak: on the Intel AVX-512/AMX dev machine, one thread, GFLOP/s,
+OpenBLAS against MKL 2026.2 sequential: (32×96)·(96×1088) 58 against 102, (96×1088)·
+(1088×32) 82 against 114, (96×32)·(32×1088) 77 against 103 (a cifar conv2 kernel row, its
+weight and input gradients). With ``FASTBP_MKL=1``, the ``mkl`` wheel's ``libmkl_rt`` in the
+environment and NumPy's BLAS the bundled OpenBLAS (so no one else's MKL is changed),
+``mkl`` holds it, switched to its sequential layer, and ``fastbp._cblas.gemm1`` (the
+one-thread GEMM of the conv taps) calls its ILP64 ``cblas_?gemm_64``; everything else
+stays on OpenBLAS. It is opt-in because it slows PyTorch in the same process: once
+fastbp had called the sequential MKL, a 512² ``torch.mm`` took 2.2 ms against 1.3-1.5.
+
 Thread count: OpenBLAS threads any GEMM with at least 2^18 multiply-adds, and on a
 2-core machine waking its second thread for a small GEMM costs more than the product: a
 32×128×128 product ran 1.3-2× slower with 2 threads than with 1, and on a busy machine
@@ -107,6 +119,45 @@ max_threads = chosen.threads if chosen is not None else 1
 _setters = [lib.set_local for lib in {id(x): x for x in (chosen, scipy_lib) if x}.values()]
 
 
+class MKL:
+    """The ``mkl`` wheel's single dynamic library, on its sequential threading layer."""
+
+    def __init__(self, path):
+        self.name, self.path = "mkl", path
+        lib = ctypes.CDLL(path)
+        if lib.MKL_Set_Threading_Layer(1) != 1:          # 1 = MKL_THREADING_SEQUENTIAL
+            raise OSError(f"{path}: could not select MKL's sequential layer")
+        self.sgemm = ctypes.cast(lib.cblas_sgemm_64, ctypes.c_void_p).value
+        self.dgemm = ctypes.cast(lib.cblas_dgemm_64, ctypes.c_void_p).value
+        buf = ctypes.create_string_buffer(256)
+        lib.MKL_Get_Version_String(buf, 256)
+        self.version = buf.value.decode(errors="replace").strip()
+        self._lib = lib
+
+
+def _find_mkl():
+    flag = os.environ.get("FASTBP_MKL", "").strip().lower()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"FASTBP_MKL: expected '0' or '1', got {flag!r}")
+    if flag != "1":
+        return None
+    import sys
+    paths = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    # NumPy linked to MKL (conda) shares libmkl_rt: leave its threading alone
+    if paths and numpy_lib is not None:
+        for path in paths:
+            try:
+                return MKL(path)
+            except (OSError, AttributeError):
+                continue
+    raise ImportError("FASTBP_MKL=1 but no usable libmkl_rt beside NumPy's OpenBLAS "
+                      f"(looked in {os.path.join(sys.prefix, 'lib')}; "
+                      "pip install \"fastbp[mkl]\")")
+
+
+mkl = _find_mkl()
+
+
 def thread_timeout():
     """log2 of the cycles the kernels' OpenBLAS workers spin before sleeping (the
     OPENBLAS_THREAD_TIMEOUT in force when that library loaded), or None if unknown."""
@@ -134,4 +185,4 @@ def gemm_macs(m: int, k: int, n: int) -> int:
 
 
 __all__ = ["use_for", "set_max_threads", "threshold", "max_threads", "library", "name",
-           "gemm_macs", "thread_timeout"]
+           "gemm_macs", "thread_timeout", "mkl"]

@@ -43,6 +43,9 @@ def _sig(dt, it):
 
 _sgemm = types.ExternalFunction("fastbp_cblas_sgemm", _sig(types.float32, types.int64))
 _dgemm = types.ExternalFunction("fastbp_cblas_dgemm", _sig(types.float64, types.int64))
+# the one-thread GEMM (gemm1): MKL's sequential one when fastbp._blas found it, else the same
+_sgemm1 = types.ExternalFunction("fastbp_cblas_sgemm1", _sig(types.float32, types.int64))
+_dgemm1 = types.ExternalFunction("fastbp_cblas_dgemm1", _sig(types.float64, types.int64))
 
 
 # --- the two shims: SciPy's LP64 CBLAS, and no CBLAS at all ----------------------------
@@ -86,10 +89,19 @@ def _bind():
     """Bind fastbp_cblas_[sd]gemm to the chosen library; returns True with real CBLAS."""
     import llvmlite.binding as llvm
     lib = _blas.chosen
+    one = _blas.mkl
+    if one is not None:        # by address only: loading MKL globally (RTLD_GLOBAL) let
+        # PyTorch in the same process resolve its BLAS to this sequential MKL (its cifar
+        # step went from 27-34 to 47-50 ms)
+        llvm.add_symbol("fastbp_cblas_sgemm1", one.sgemm)
+        llvm.add_symbol("fastbp_cblas_dgemm1", one.dgemm)
     if lib is not None and lib.ilp64:
         llvm.load_library_permanently(lib.path)
         llvm.add_symbol("fastbp_cblas_sgemm", lib.sgemm)
         llvm.add_symbol("fastbp_cblas_dgemm", lib.dgemm)
+        if one is None:
+            llvm.add_symbol("fastbp_cblas_sgemm1", lib.sgemm)
+            llvm.add_symbol("fastbp_cblas_dgemm1", lib.dgemm)
         return True
     if lib is not None:
         llvm.load_library_permanently(lib.path)
@@ -103,6 +115,9 @@ def _bind():
     _bind.keep = (fs, fd)                      # the cfuncs must outlive their addresses
     llvm.add_symbol("fastbp_cblas_sgemm", fs.address)
     llvm.add_symbol("fastbp_cblas_dgemm", fd.address)
+    if one is None:
+        llvm.add_symbol("fastbp_cblas_sgemm1", fs.address)
+        llvm.add_symbol("fastbp_cblas_dgemm1", fd.address)
     return ok
 
 
@@ -132,13 +147,18 @@ def gemm(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
     raise NotImplementedError("fastbp._cblas.gemm is only callable from compiled code")
 
 
+def _pick(A, fs, fd):
+    if A.dtype == types.float32:
+        return fs, np.float32
+    if A.dtype == types.float64:
+        return fd, np.float64
+    return None, None  # pragma: no cover
+
+
 @overload(gemm, jit_options=dict(cache=True))
 def _gemm_impl(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
-    if A.dtype == types.float32:
-        fn, t = _sgemm, np.float32
-    elif A.dtype == types.float64:
-        fn, t = _dgemm, np.float64
-    else:  # pragma: no cover
+    fn, t = _pick(A, _sgemm, _dgemm)
+    if fn is None:  # pragma: no cover
         return None
 
     def impl(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
@@ -147,6 +167,27 @@ def _gemm_impl(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
            t(1), _ptr(A, ia), np.int64(lda), _ptr(B, ib), np.int64(ldb), t(beta),
            _ptr(C, ic), np.int64(ldc))
     return impl
+
+
+def gemm1(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
+    """``gemm`` for a caller that runs its BLAS on one thread (compiled code only): the
+    same arguments and result, on MKL's sequential GEMM when ``fastbp._blas.mkl`` is set
+    (faster on the small shapes of the conv taps), else exactly ``gemm``."""
+    raise NotImplementedError("fastbp._cblas.gemm1 is only callable from compiled code")
+
+
+@overload(gemm1, jit_options=dict(cache=True))
+def _gemm1_impl(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
+    fn1, t1 = _pick(A, _sgemm1, _dgemm1)
+    if fn1 is None:  # pragma: no cover
+        return None
+
+    def impl1(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
+        fn1(np.int64(ROW_MAJOR), np.int64(TRANS if ta else NO_TRANS),
+            np.int64(TRANS if tb else NO_TRANS), np.int64(M), np.int64(N), np.int64(K),
+            t1(1), _ptr(A, ia), np.int64(lda), _ptr(B, ib), np.int64(ldb), t1(beta),
+            _ptr(C, ic), np.int64(ldc))
+    return impl1
 
 
 def dot(a, b, out):
@@ -205,4 +246,4 @@ def _matmul_impl(a, b):
     return impl
 
 
-__all__ = ["available", "gemm", "dot", "matmul", "fits"]
+__all__ = ["available", "gemm", "gemm1", "dot", "matmul", "fits"]

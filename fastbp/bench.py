@@ -275,8 +275,17 @@ def _worker(peer, name, repeat, budget):
             "q75_s": float(np.percentile(times, 75)), "n": len(times)}
 
 
-def _thread_env(threads):
+def _thread_env(threads, peer="fastbp"):
+    """The environment of a worker process. PyTorch and JAX get the user's environment
+    without what fastbp filled in (``config.SET_BY_FASTBP``: OMP_WAIT_POLICY=PASSIVE slows
+    PyTorch's OpenMP) and without fastbp's optional MKL, as if fastbp were not there."""
     env = dict(os.environ)
+    if peer not in ("fastbp", "peak"):
+        from . import config
+        for var in config.SET_BY_FASTBP:
+            env.pop(var, None)
+        env["FASTBP_ENV_DEFAULTS"] = "0"
+        env["FASTBP_MKL"] = "0"
     for var in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
     if threads == 1:
@@ -292,7 +301,7 @@ def run_one(peer, name, threads, repeat, budget, timeout=900):
     cmd = [sys.executable, "-m", "fastbp.bench", "--worker", peer, "--workloads", name,
            "--repeat", str(repeat), "--budget", str(budget)]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(threads),
+        p = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(threads, peer),
                            timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": "timeout"}

@@ -16,6 +16,13 @@ Environment variables (all optional):
     ``default`` leaves glibc's malloc settings alone (see ``fastbp/_malloc.py``).
 ``OMP_WAIT_POLICY`` / ``OPENBLAS_THREAD_TIMEOUT`` / ``NUMBA_THREADING_LAYER`` / ``NUMBA_CACHE_DIR`` / ``NUMBA_NUM_THREADS``
     Respected when set. fastbp only fills in defaults for the ones left unset.
+``FASTBP_ENV_DEFAULTS``
+    ``0`` leaves ``OMP_WAIT_POLICY`` and ``OPENBLAS_THREAD_TIMEOUT`` unset (the libraries'
+    own defaults). ``fastbp bench`` runs its PyTorch and JAX processes this way: under
+    fastbp's PASSIVE policy PyTorch's OpenMP threads sleep between regions, and its steps
+    measured slower (cnn_cifar 26-27 against 21-25 ms, mlp_mnist 2.2-2.8 against 1.8-2.2).
+``FASTBP_MKL``
+    ``1`` runs the conv taps' one-thread GEMMs on MKL (see ``fastbp/_blas.py``).
 """
 from __future__ import annotations
 
@@ -30,8 +37,11 @@ import tempfile
 # 256^3 float32 GEMM, alternating, 2 vCPUs): ACTIVE ~50 ms per pair, libgomp's default
 # spin ~20-50 ms, PASSIVE ~0.4 ms (the GEMM alone takes ~0.35 ms).
 USER_SET_WAIT_POLICY = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
-if not USER_SET_WAIT_POLICY:
+ENV_DEFAULTS = os.environ.get("FASTBP_ENV_DEFAULTS", "1").strip() != "0"
+SET_BY_FASTBP = []      # the environment variables fastbp filled in (bench's peers drop them)
+if not USER_SET_WAIT_POLICY and ENV_DEFAULTS:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    SET_BY_FASTBP.append("OMP_WAIT_POLICY")
 # OpenBLAS's own idle workers spin for 2^OPENBLAS_THREAD_TIMEOUT cycles after a threaded
 # GEMM (default 2^28, about 0.1 s) before they sleep. Meanwhile they take the cores that
 # fastbp's Python-thread batch splits (conv, RNN/LSTM) run on. Whole steps, 3 interleaved
@@ -43,8 +53,9 @@ if not USER_SET_WAIT_POLICY:
 # and NumPy's only when fastbp is imported before NumPy. fastbp._blas runs the kernels on
 # NumPy's OpenBLAS only when its spin is that short (``fastbp info`` shows both).
 USER_SET_BLAS_TIMEOUT = "OPENBLAS_THREAD_TIMEOUT" in os.environ
-if not USER_SET_BLAS_TIMEOUT:
+if not USER_SET_BLAS_TIMEOUT and ENV_DEFAULTS:
     os.environ["OPENBLAS_THREAD_TIMEOUT"] = "20"
+    SET_BY_FASTBP.append("OPENBLAS_THREAD_TIMEOUT")
 
 import numba  # noqa: E402  (after the environment is prepared)
 

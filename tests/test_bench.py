@@ -50,3 +50,21 @@ def test_cli_rounds_json(tmp_path):
     res = json.loads(out.read_text())
     r = res["results"]["mlp_small"]["fastbp"]
     assert res["rounds"] == 2 and len(r["rounds_s"]) == 2 and r["median_s"] > 0
+
+
+def test_peers_run_without_fastbps_environment_defaults(monkeypatch):
+    """PyTorch and JAX workers get the user's environment: no OMP_WAIT_POLICY=PASSIVE that
+    fastbp filled in, fastbp's defaults off, no MKL; fastbp's own worker keeps them."""
+    from fastbp import bench, config
+    monkeypatch.setattr(config, "SET_BY_FASTBP", ["OMP_WAIT_POLICY"])
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("FASTBP_MKL", "1")
+    for peer in ("torch", "jax"):
+        env = bench._thread_env(2, peer)
+        assert "OMP_WAIT_POLICY" not in env
+        assert env["FASTBP_ENV_DEFAULTS"] == "0" and env["FASTBP_MKL"] == "0"
+        assert env["OMP_NUM_THREADS"] == "2"
+    env = bench._thread_env(2, "fastbp")
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["FASTBP_MKL"] == "1"
+    monkeypatch.setattr(config, "SET_BY_FASTBP", [])          # the user's own setting stays
+    assert bench._thread_env(2, "torch")["OMP_WAIT_POLICY"] == "PASSIVE"

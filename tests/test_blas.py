@@ -18,7 +18,7 @@ both_libs = pytest.mark.skipif(_blas.numpy_lib is None or _blas.scipy_lib is Non
 
 def run_py(code, **env):
     full = dict(os.environ)
-    for k in ("FASTBP_BLAS", "OPENBLAS_THREAD_TIMEOUT"):
+    for k in ("FASTBP_BLAS", "OPENBLAS_THREAD_TIMEOUT", "FASTBP_MKL"):
         full.pop(k, None)
     full.update(env)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -164,6 +164,61 @@ def test_same_gradients_on_either_library():
     for name in res["numpy"]:
         for a, b in zip(res["numpy"][name], res["scipy"][name], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+# --------------------------------------------------------------------------- optional MKL
+MKL_CONV = """
+import json, numpy as np, fastbp
+from fastbp import _blas
+from fastbp.kernels import conv as K
+rng = np.random.default_rng(5)
+out = {"mkl": None if _blas.mkl is None else _blas.mkl.version}
+for dt in (np.float32, np.float64):
+    x = rng.standard_normal((5, 7, 9, 8)).astype(dt)
+    W = rng.standard_normal((6, 7, 3, 3)).astype(dt)
+    b = rng.standard_normal(6).astype(dt)
+    y = K.conv2d_forward(x, W, b, 1, 1, True, "tap")
+    dy = rng.standard_normal(y.shape).astype(dt)
+    dx, dW, db = K.conv2d_backward(x, W, dy, 1, 1, True, True, y, "tap")
+    out[np.dtype(dt).name] = [a.astype(np.float64).ravel().tolist() for a in (y, dx, dW, db)]
+print(json.dumps(out))
+"""
+
+
+def _has_mkl_wheel():
+    import glob
+    return bool(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+
+
+def test_mkl_is_opt_in_and_its_errors_are_clear():
+    p = run_py("import fastbp._blas as b; print(b.mkl)")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[-1] == "None"                  # off unless FASTBP_MKL=1
+    p = run_py("import fastbp", FASTBP_MKL="yes")
+    assert p.returncode != 0 and "FASTBP_MKL" in p.stderr and "'yes'" in p.stderr
+    if not _has_mkl_wheel():
+        p = run_py("import fastbp", FASTBP_MKL="1")
+        assert p.returncode != 0 and "libmkl_rt" in p.stderr
+
+
+@pytest.mark.skipif(not _has_mkl_wheel() or _blas.numpy_lib is None or not _cblas.available,
+                    reason="needs the mkl wheel (pip install 'fastbp[mkl]') and OpenBLAS CBLAS")
+def test_mkl_taps_give_the_openblas_numbers():
+    """With FASTBP_MKL=1 the conv taps' GEMMs run on MKL: same y, dx, dW, db as OpenBLAS
+    (float64 to 1e-12, float32 to 1e-5), with NumPy imported first or not."""
+    res = {}
+    for key, env, pre in (("openblas", {}, ""), ("mkl", {"FASTBP_MKL": "1"}, ""),
+                          ("mkl-numpy-first", {"FASTBP_MKL": "1"}, "import numpy\n")):
+        p = run_py(pre + MKL_CONV, **env)
+        assert p.returncode == 0, p.stderr
+        res[key] = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["openblas"]["mkl"] is None
+    assert "Math Kernel Library" in res["mkl"]["mkl"]
+    assert "Math Kernel Library" in res["mkl-numpy-first"]["mkl"]
+    for key in ("mkl", "mkl-numpy-first"):
+        for dt, tol in (("float64", 1e-12), ("float32", 1e-5)):
+            for a, b in zip(res[key][dt], res["openblas"][dt], strict=True):
+                np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=f"{key} {dt}")
 
 
 def test_info_names_the_kernels_blas():

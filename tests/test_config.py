@@ -170,3 +170,16 @@ def test_info_prints_everything():
         assert f"  {fam} " in out
     assert "3  (env)" in out
     assert "PASSIVE (set by fastbp)" in out
+
+
+def test_env_defaults_off_leaves_the_libraries_alone():
+    """FASTBP_ENV_DEFAULTS=0 (how bench runs its peers): no PASSIVE, no OpenBLAS timeout."""
+    code = ("import os, json, fastbp; from fastbp import config; print(json.dumps("
+            "[os.environ.get('OMP_WAIT_POLICY'), os.environ.get('OPENBLAS_THREAD_TIMEOUT'), "
+            "config.SET_BY_FASTBP]))")
+    p = run_py(code, FASTBP_ENV_DEFAULTS="0")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == [None, None, []]
+    p = run_py(code)
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == \
+        ["PASSIVE", "20", ["OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT"]]

@@ -669,13 +669,13 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf,
         if transposed:
             tt = tbuf[:L * F].reshape(L, F)
             for p in range(KH):                 # tT (L×F) += xs windowᵀ · Wk[p]ᵀ
-                _cblas.gemm(True, True, L, F, R, xs, p * k * Wp, T,
+                _cblas.gemm1(True, True, L, F, R, xs, p * k * Wp, T,
                             Wk, p * F * R, R, 0 if p == 0 else 1, tt, 0, F)
             _tap_scatter(tt, b, s, k, Wp, relu, y)
         else:
             t = tbuf[:F * L].reshape(F, L)
             for p in range(KH):                 # t (F×L) += Wk[p] · xs window
-                _cblas.gemm(False, False, F, L, R, Wk, p * F * R, R,
+                _cblas.gemm1(False, False, F, L, R, Wk, p * F * R, R,
                             xs, p * k * Wp, T, 0 if p == 0 else 1, t, 0, L)
             _to_nchw_serial(t, b, s, k, relu, k * Wp, Wp, y)
 
@@ -738,13 +738,13 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
                     tot += acc[j]
                 db[gi, f] += tot
         for p in range(KH):                     # dWt[p] (R×F) += xs window · dzgᵀ
-            _cblas.gemm(False, True, R, F, L, xs, p * k * Wp, T, zg, 0, L, 1,
+            _cblas.gemm1(False, True, R, F, L, xs, p * k * Wp, T, zg, 0, L, 1,
                         dWt, gi * block + p * R * F, F)
         if input_grad:
             ds = dbuf[:R * T].reshape(R, T)
             ds[:, :] = zero
             for p in range(KH):
-                _cblas.gemm(True, False, R, L, F, Wk, p * F * R, R,
+                _cblas.gemm1(True, False, R, L, F, Wk, p * F * R, R,
                             zg, 0, L, 1, ds, p * k * Wp, T)
             for c in range(C):
                 for kk in range(k):

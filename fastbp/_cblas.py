@@ -176,6 +176,9 @@ def gemm1(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
     raise NotImplementedError("fastbp._cblas.gemm1 is only callable from compiled code")
 
 
+# A copy of _gemm_impl, not one factory for both: Numba keys cached overloads by the
+# implementation's qualified name and source line, and two closures from one factory would
+# share them (gemm1 could load gemm's machine code from the cache, or the reverse).
 @overload(gemm1, jit_options=dict(cache=True))
 def _gemm1_impl(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
     fn1, t1 = _pick(A, _sgemm1, _dgemm1)

@@ -556,8 +556,6 @@ def _gemm(a, b, out):
     gemm(a, b, out)
 
 
-
-
 # ---------------------------------------------------------------------------- per-tap GEMMs
 # Stride 1: no im2col. A group of k samples is zero-padded and flattened channel-major with
 # the plane rows of the k samples interleaved: xg[c, (h·k + kk)·Wp + w] = xp[s+kk, c, h, w]
@@ -651,7 +649,8 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf,
 
     x (N, C, H, W), Wk (KH, F, KW, C) = W transposed (Wk[p, f, q, c] = W[f, c, p, q]),
     b (F,) or (0,), y (N, F, OH, OW) output; xbuf, tbuf flat scratch of at least KW·C·g·S
-    and F·g·S entries (S = Hp·Wp).
+    and F·g·S entries (S = Hp·Wp). ``transposed``: the GEMMs write the output grid as
+    pixels × F (then ``_tap_scatter``) instead of F × pixels (then ``gemm_to_nchw``).
     y[n,f,i,j] = b[f] + Σ_p,q Σ_c W[f,c,p,q]·xp[n,c,i+p,j+q], then max(·, 0) if ``relu``.
     """
     _, C, H, Wd = x.shape

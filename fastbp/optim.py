@@ -170,19 +170,16 @@ _GROUP = 8  # arrays per kernel call: one compiled signature serves every model 
 
 def _flat(a):
     """``a`` as a 1-D C-contiguous writeable-typed array (a view when possible)."""
-    if a.ndim == 1:
-        f = a.flags
-        if f.c_contiguous and f.writeable:
-            return a
     r = a.ravel()
     return r if r.flags.writeable else r.copy()
 
 
-def _walk(p, os, nout, rows):
+def _walk(p, os, nout, by_dt):
     """One pass over ``params`` (``p``) and the matching trees ``os`` (grads, buffers):
     checks them (as ``_row`` does, silently) and, per array, allocates ``nout`` outputs like it.
-    Appends ``(p, *os, *flat_outs)`` to ``rows`` and returns the ``nout`` output trees, or
-    None at the first anomaly (``_rows`` then names it). Dict keys are visited in the
+    Appends the flat views of ``p``, of each ``os`` and of the outputs to the columns
+    ``by_dt[dtype]`` (lists, one per argument) and returns the ``nout`` output trees, or
+    None at the first anomaly (``_row`` then names it). Dict keys are visited in the
     caller's order (the update is element-wise, so the order of the arrays is free)."""
     tp = type(p)
     if tp is np.ndarray:
@@ -198,15 +195,26 @@ def _walk(p, os, nout, rows):
                 if isinstance(o, np.ndarray) and o.shape == shape and o.dtype == dt:
                     continue                      # an ndarray subclass
                 return None
-        if nout == 1:
-            flat = np.empty(p.size, dt)
-            rows.append((p, *os, flat))
-            return (flat if len(shape) == 1 else flat.reshape(shape),)
-        flats = [np.empty(p.size, dt) for _ in range(nout)]
-        rows.append((p, *os, *flats))
-        if len(shape) == 1:
-            return flats
-        return [f.reshape(shape) for f in flats]
+        cols = by_dt.get(dt)
+        if cols is None:
+            cols = by_dt[dt] = [[] for _ in range(1 + len(os) + nout)]
+        r = p.ravel()                             # _flat(p), inlined: this is the hot loop
+        cols[0].append(r if r.flags.writeable else r.copy())
+        if nout == 1 and len(os) == 1:            # sgd: params and grads only
+            out = np.empty(shape, dt)
+            r = os[0].ravel()
+            cols[1].append(r if r.flags.writeable else r.copy())
+            cols[2].append(out.ravel())
+            return (out,)
+        k = 1
+        for o in os:
+            cols[k].append(_flat(o))
+            k += 1
+        outs = [np.empty(shape, dt) for _ in range(nout)]
+        for o in outs:
+            cols[k].append(o.ravel())
+            k += 1
+        return outs
     if tp is dict or (tp is not list and tp is not tuple and isinstance(p, dict)):
         keys = p.keys()
         for o in os:
@@ -216,14 +224,14 @@ def _walk(p, os, nout, rows):
             g = os[0]
             out = {}
             for k in p:
-                r = _walk(p[k], (g[k],), 1, rows)
+                r = _walk(p[k], (g[k],), 1, by_dt)
                 if r is None:
                     return None
                 out[k] = r[0]
             return (out,)
         sub = {}
         for k in p:
-            r = _walk(p[k], [o[k] for o in os], nout, rows)
+            r = _walk(p[k], [o[k] for o in os], nout, by_dt)
             if r is None:
                 return None
             sub[k] = r
@@ -233,45 +241,51 @@ def _walk(p, os, nout, rows):
         for o in os:
             if not isinstance(o, (list, tuple)) or len(o) != n:
                 return None
+        make = list if isinstance(p, list) else tuple
+        if nout == 1 and len(os) == 1:
+            g = os[0]
+            out = []
+            for i in range(n):
+                r = _walk(p[i], (g[i],), 1, by_dt)
+                if r is None:
+                    return None
+                out.append(r[0])
+            return (out if make is list else tuple(out),)
         subs = []
         for i in range(n):
-            r = _walk(p[i], [o[i] for o in os], nout, rows)
+            r = _walk(p[i], [o[i] for o in os], nout, by_dt)
             if r is None:
                 return None
             subs.append(r)
-        make = list if isinstance(p, list) else tuple
-        if nout == 1:
-            return (make([s[0] for s in subs]),)
         return [make([s[j] for s in subs]) for j in range(nout)]
     if p is None and all(o is None for o in os):
         return [None] * nout
     if isinstance(p, np.ndarray):               # an ndarray subclass
-        return _walk(np.asarray(p), os, nout, rows)
+        return _walk(np.asarray(p), os, nout, by_dt)
     return None
 
 
-def _groups(rows):
-    """Split rows into calls of ``_GROUP`` arrays of one dtype, padded with empty arrays.
+def _groups(by_dt):
+    """Split the columns of ``_walk`` into calls of ``_GROUP`` arrays of one dtype, padded
+    with empty arrays.
 
-    Yields ``(dtype, cols, work)``: ``cols[c]`` is the tuple of flat arrays of column
-    ``c`` of the rows (the outputs, last, are flat already), ``work`` the number of
-    elements.
+    Yields ``(dtype, cols, work)``: ``cols[c]`` is a tuple of flat arrays (argument ``c``:
+    params, grads, buffers, then outputs), ``work`` the number of elements.
     """
-    dt0 = rows[0][0].dtype
-    if all(r[0].dtype == dt0 for r in rows):
-        by_dtype = {dt0: rows}
-    else:
-        by_dtype = {}
-        for r in rows:
-            by_dtype.setdefault(r[0].dtype, []).append(r)
-    ncol = len(rows[0])
-    for dt, rs in by_dtype.items():
-        pad = _EMPTY[dt]
-        for lo in range(0, len(rs), _GROUP):
-            part = rs[lo:lo + _GROUP]
-            fill = (pad,) * (_GROUP - len(part))
-            cols = [tuple([_flat(r[c]) for r in part]) + fill for c in range(ncol)]
-            yield dt, cols, sum([r[0].size for r in part])
+    for dt, cols in by_dt.items():
+        n = len(cols[0])
+        if n <= _GROUP:
+            fill = _PAD[dt][n]
+            yield dt, [tuple(c) + fill for c in cols], sum([a.size for a in cols[0]])
+            continue
+        for lo in range(0, n, _GROUP):
+            part = cols[0][lo:lo + _GROUP]
+            fill = _PAD[dt][len(part)]
+            yield dt, [tuple(c[lo:lo + _GROUP]) + fill for c in cols], \
+                sum([a.size for a in part])
+
+
+_PAD = {dt: [(_EMPTY[dt],) * (_GROUP - k) for k in range(_GROUP + 1)] for dt in _FLOATS}
 
 
 def _none(dt):
@@ -298,14 +312,14 @@ def _make(name, lr, buffers, kernel_step, fill=None):
     def update(params, grads, state):
         t = _state_step(name, state, buffers)
         others = [grads] + [state[b] for b in buffers]
-        rows = []
-        new = _walk(params, others, 1 + nbuf, rows)
+        by_dt = {}
+        new = _walk(params, others, 1 + nbuf, by_dt)
         if new is None:   # report the problem with its path
             _row(name, params, others, ["grads"] + [f"state[{b!r}]" for b in buffers], (), [])
             raise TypeError(f"{name}: params, grads and state do not match")  # pragma: no cover
         lr_t = _lr_at(name, lr, t)
-        if rows:
-            for dt, cols, work in _groups(rows):
+        if by_dt:
+            for dt, cols, work in _groups(by_dt):
                 kernel_step(t, lr_t, dt, cols[0], cols[1], cols[2:2 + nbuf], cols[2 + nbuf:],
                             work)
         new_state = {"step": t + 1}

@@ -200,6 +200,31 @@ def test_float32_in_float32_out(name, tname, kw):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,tname,kw", CASES, ids=IDS)
+def test_many_arrays_of_mixed_dtypes(name, tname, kw):
+    """A tree of 19 arrays, float32 and float64 mixed (several kernel calls per dtype, a
+    tuple holding a dict): each leaf comes out exactly as when updated alone, in its dtype."""
+    rng = np.random.default_rng(3)
+    shapes = [(3, 4), (5,), (2, 3, 2), (1,), (7,), (4, 4), (6,), (2, 5), (3,), (9,), (1, 8)]
+
+    def tree(seed):
+        r = np.random.default_rng(seed)
+        leaves = [r.standard_normal(s).astype(np.float32 if i % 3 else np.float64)
+                  for i, s in enumerate(shapes + shapes[:8])]
+        return [{"a": leaves[0], "b": leaves[1]}, {}, (leaves[2], {"c": leaves[3]}),
+                {f"k{i}": a for i, a in enumerate(leaves[4:])}]
+
+    params, grads = tree(rng.integers(1 << 30)), [tree(s) for s in (11, 12, 13)]
+    new, _ = run(getattr(O, name)(**kw), params, grads)
+    assert _tree.same_structure(new, params) and isinstance(new[2], tuple)
+    leaves = _tree.leaves(new)
+    for i, p in enumerate(_tree.leaves(params)):
+        alone, _ = run(getattr(O, name)(**kw), [p], [[_tree.leaves(g)[i]] for g in grads])
+        assert leaves[i].dtype == p.dtype and leaves[i].shape == p.shape
+        assert np.array_equal(leaves[i], alone[0])
+        assert not np.array_equal(leaves[i], p)
+
+
 def test_structure_of_results():
     params = make_tree(np.float32)
     params[0] = dict(b=params[0]["b"], W=params[0]["W"])  # key order is kept

@@ -55,13 +55,14 @@ class DualKernel:
     the same thread count; race-free reductions are the kernel's responsibility.
     """
 
-    def __init__(self, fn, family):
+    def __init__(self, fn, family, **extra):
         if family not in config.thresholds:
             raise ValueError(f"unknown kernel family {family!r}")
         self.family = family
         self.py_func = fn
-        self.serial = numba.njit(**OPTIONS)(_renamed_copy(fn, "_serial"))
-        self.parallel = numba.njit(parallel=True, **OPTIONS)(_renamed_copy(fn, "_parallel"))
+        opts = {**OPTIONS, **extra}
+        self.serial = numba.njit(**opts)(_renamed_copy(fn, "_serial"))
+        self.parallel = numba.njit(parallel=True, **opts)(_renamed_copy(fn, "_parallel"))
         self.__doc__ = fn.__doc__
         self.__name__ = fn.__name__
         self.__wrapped__ = fn
@@ -76,9 +77,10 @@ class DualKernel:
         return f"<DualKernel {self.__name__} family={self.family}>"
 
 
-def dual(family):
-    """Decorator: ``@dual("dense")`` compiles the function both serial and parallel."""
-    return lambda fn: DualKernel(fn, family)
+def dual(family, **extra):
+    """Decorator: ``@dual("dense")`` compiles the function both serial and parallel.
+    ``extra`` adds Numba options for this kernel only (e.g. ``fastmath={"reassoc"}``)."""
+    return lambda fn: DualKernel(fn, family, **extra)
 
 
 _REGISTRY: list = []       # DualKernels

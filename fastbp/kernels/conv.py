@@ -203,16 +203,21 @@ def _channel_sum(dz, f):
     return s
 
 
-@dual("conv")
+# Reassociation lets LLVM vectorise the dot products below (several vector accumulators,
+# summed at the end); without it a float sum stays one scalar chain. The order is fixed by
+# the compiled code, and each (f, c) is computed by one thread, so the result does not
+# depend on the thread count. The serial and parallel builds are checked bit for bit.
+@dual("conv", fastmath={"reassoc", "contract"})
 def flat_backward_dw(xp, dz, dW, db):
     """Weight and bias gradients for stride 1 on the flattened padded planes.
 
     xp (N, C, Hp, Wp) the zero-padded input, dz (N, F, OH, OW); dW (F, C, KH, KW) and db
     (F,) or (0,) outputs. dW[f,c,p,q] = Σ_n,i,j dz[n,f,i,j]·xp[n,c,i+p,j+q],
-    db[f] = Σ_n,i,j dz[n,f,i,j]. Parallel over (f, c). Each tap accumulates a vector
-    acc[p,q,u] += dzg[u]·xp[u + p·Wp + q] over the plane (dzg: dz on the Wp-wide grid,
-    zero in columns j ≥ OW), which vectorises; the vector is summed once at the end,
-    in a fixed order (deterministic).
+    db[f] = Σ_n,i,j dz[n,f,i,j]. Parallel over (f, c). Per sample, dz[n, f] is laid on
+    the Wp-wide grid (dzg, zero in columns j ≥ OW) and each tap is one dot product
+    Σ_u dzg[u]·xp[n, c, u + p·Wp + q] over the plane, four taps of a kernel row per pass
+    (one load of dzg feeds four FMAs); the per-tap sums are accumulated over samples in
+    float64, in sample order (deterministic).
     """
     N, C, Hp, Wp = xp.shape
     F, _, KH, KW = dW.shape
@@ -223,7 +228,7 @@ def flat_backward_dw(xp, dz, dW, db):
     for t in prange(F * C):
         f = t // C
         c = t - f * C
-        acc = np.zeros((KH * KW, L), dtype=dW.dtype)
+        acc = np.zeros(KH * KW, dtype=np.float64)
         dzg = np.zeros(L, dtype=dW.dtype)
         for n in range(N):
             for i in range(OH):
@@ -231,16 +236,39 @@ def flat_backward_dw(xp, dz, dW, db):
                     dzg[i * Wp + j] = dz[n, f, i, j]
             xr = xf[n, c]
             for p in range(KH):
-                for q in range(KW):
-                    a = acc[p * KW + q]
-                    xs = xr[p * Wp + q:p * Wp + q + L]
+                q = 0
+                while q + 4 <= KW:          # slices, not xr[o + u]: that index blocks SIMD
+                    o = p * Wp + q
+                    x0 = xr[o:o + L]
+                    x1 = xr[o + 1:o + 1 + L]
+                    x2 = xr[o + 2:o + 2 + L]
+                    x3 = xr[o + 3:o + 3 + L]
+                    s0 = zero
+                    s1 = zero
+                    s2 = zero
+                    s3 = zero
                     for u in range(L):
-                        a[u] += dzg[u] * xs[u]
+                        d = dzg[u]
+                        s0 += d * x0[u]
+                        s1 += d * x1[u]
+                        s2 += d * x2[u]
+                        s3 += d * x3[u]
+                    r = p * KW + q
+                    acc[r] += s0
+                    acc[r + 1] += s1
+                    acc[r + 2] += s2
+                    acc[r + 3] += s3
+                    q += 4
+                while q < KW:
+                    o = p * Wp + q
+                    xs = xr[o:o + L]
+                    s = zero
+                    for u in range(L):
+                        s += dzg[u] * xs[u]
+                    acc[p * KW + q] += s
+                    q += 1
         for r in range(KH * KW):
-            s = zero
-            for u in range(L):
-                s += acc[r, u]
-            dW[f, c, r // KW, r - (r // KW) * KW] = s
+            dW[f, c, r // KW, r - (r // KW) * KW] = acc[r]
         if c == 0 and db.shape[0] > 0:
             db[f] = _channel_sum(dz, f)
 

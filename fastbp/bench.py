@@ -3,7 +3,9 @@
 Every (peer, workload) pair runs in its own subprocess with the thread count fixed through
 the environment, so thread pools never fight. Each worker builds the workload, warms up
 (JIT compile), then times single float32 training steps (forward, softmax cross-entropy,
-backward without the input gradient, SGD update) and reports the median.
+backward without the input gradient, SGD update) and reports the median. On Linux each
+worker also records the share of CPU time the hypervisor gave to other guests ("steal",
+from /proc/stat) while it timed, and the table flags workloads measured under steal.
 """
 from __future__ import annotations
 
@@ -261,6 +263,31 @@ def gemm_peak(n=2048, repeat=10):
     return 2 * n ** 3 / min(times) / 1e9
 
 
+def cpu_times(path="/proc/stat"):
+    """The machine's aggregate CPU time counters (the ``cpu`` line of /proc/stat: user,
+    nice, system, idle, iowait, irq, softirq, steal, ...) as ints, or None off Linux."""
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    return tuple(int(v) for v in fields[1:])
+
+
+def steal_share(before, after):
+    """The share of CPU time a hypervisor gave to other guests ("steal") between two
+    ``cpu_times`` readings: Δsteal / Δ(user + nice + system + idle + iowait + irq + softirq
+    + steal), over all CPUs; None when unknown. On a shared VM a high share means the
+    timings in between were disturbed."""
+    if before is None or after is None:
+        return None
+    d = [b - a for a, b in zip(before[:8], after[:8])]
+    total = sum(d)
+    return d[7] / total if total > 0 else None
+
+
 def _worker(peer, name, repeat, budget):
     if peer == "peak":
         return {"gflops": gemm_peak()}
@@ -270,9 +297,14 @@ def _worker(peer, name, repeat, budget):
         return {"error": f"not installed ({e.name})"}
     except AttributeError as e:
         return {"error": f"not implemented ({e})"}
+    before = cpu_times()
     times = _time_steps(step, repeat, budget)
-    return {"median_s": float(np.median(times)), "q25_s": float(np.percentile(times, 25)),
-            "q75_s": float(np.percentile(times, 75)), "n": len(times)}
+    out = {"median_s": float(np.median(times)), "q25_s": float(np.percentile(times, 25)),
+           "q75_s": float(np.percentile(times, 75)), "n": len(times)}
+    steal = steal_share(before, cpu_times())
+    if steal is not None:
+        out["steal"] = steal
+    return out
 
 
 def _thread_env(threads, peer="fastbp"):
@@ -369,6 +401,9 @@ def _combine(per_round, peers):
         out[peer] = {"median_s": float(np.median(meds)), "rounds_s": meds,
                      "n": sum(r["n"] for r in ok)}
         out[peer].update({k: mid[k] for k in ("q25_s", "q75_s") if k in mid})
+        steals = [r["steal"] for r in ok if "steal" in r]
+        if steals:
+            out[peer]["steal_rounds"] = steals
     for r in per_round:
         others = [v["median_s"] for p, v in r.items() if p != "fastbp" and "median_s" in v]
         if "median_s" in r.get("fastbp", {}) and others:
@@ -378,13 +413,29 @@ def _combine(per_round, peers):
     return out
 
 
+def _steals(r):
+    """Every steal share measured for one workload's result (all peers, all rounds)."""
+    out = []
+    for v in r.values():
+        if isinstance(v, dict):
+            out += v.get("steal_rounds", [v["steal"]] if "steal" in v else [])
+    return out
+
+
+STEAL_NOTE = 0.05   # the table flags workloads measured while the hypervisor took more
+
+
 def format_table(res) -> str:
+    """The results as a Markdown table. The "CPU steal" column is the largest share of CPU
+    time taken by other guests while any of the workload's steps were timed (Linux)."""
     peers = [p for p in PEERS if any(p in r for r in res["results"].values())]
     ranged = res.get("rounds", 1) > 1
+    stolen = any(_steals(r) for r in res["results"].values())
     head = "| workload | " + " | ".join(f"{p} (ms)" for p in peers) + \
         " | fastbp / best peer |" + (" per-round ratios |" if ranged else "") + \
-        " target | fastbp % of GEMM peak |"
-    lines = [head, "|" + "---|" * (len(peers) + 4 + ranged)]
+        " target | fastbp % of GEMM peak |" + (" CPU steal |" if stolen else "")
+    lines = [head, "|" + "---|" * (len(peers) + 4 + ranged + stolen)]
+    flagged = []
     peak = res.get("gemm_peak_gflops")
     for name, r in res["results"].items():
         cells, med = [], {}
@@ -402,8 +453,17 @@ def format_table(res) -> str:
         if ranged:
             rs = r.get("ratios", [])
             spread = f" {min(rs):.2f}-{max(rs):.2f} |" if rs else " - |"
+        steal = ""
+        if stolen:
+            st = _steals(r)
+            steal = f" {max(st):.0%} |" if st else " - |"
+            if st and max(st) > STEAL_NOTE:
+                flagged.append(name)
         lines.append(f"| {name} | " + " | ".join(cells) +
-                     f" | {ratio} |{spread} ≤ {TARGETS[name]} | {frac} |")
+                     f" | {ratio} |{spread} ≤ {TARGETS[name]} | {frac} |{steal}")
+    if flagged:
+        lines.append(f"\nThe hypervisor took more than {STEAL_NOTE:.0%} of the CPU time while "
+                     f"{', '.join(flagged)} ran: those timings were disturbed by other guests.")
     return "\n".join(lines)
 
 

@@ -50,6 +50,8 @@ def test_cli_rounds_json(tmp_path):
     res = json.loads(out.read_text())
     r = res["results"]["mlp_small"]["fastbp"]
     assert res["rounds"] == 2 and len(r["rounds_s"]) == 2 and r["median_s"] > 0
+    if bench.cpu_times() is not None:                    # Linux: steal measured per round
+        assert len(r["steal_rounds"]) == 2 and all(0 <= s <= 1 for s in r["steal_rounds"])
 
 
 def test_peers_run_without_fastbps_environment_defaults(monkeypatch):
@@ -68,3 +70,41 @@ def test_peers_run_without_fastbps_environment_defaults(monkeypatch):
     assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["FASTBP_MKL"] == "1"
     monkeypatch.setattr(config, "SET_BY_FASTBP", [])          # the user's own setting stays
     assert bench._thread_env(2, "torch")["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_steal_share_from_proc_stat_lines(tmp_path):
+    """CPU steal between two /proc/stat readings: Δsteal over the Δ of the first eight
+    counters (guest time is already inside user/nice)."""
+    f = tmp_path / "stat"
+    f.write_text("cpu  100 0 50 800 0 0 0 50 7 7\ncpu0 1 2 3\n")
+    before = bench.cpu_times(str(f))
+    assert before == (100, 0, 50, 800, 0, 0, 0, 50, 7, 7)
+    f.write_text("cpu  160 0 60 880 0 0 0 100 9 9\n")
+    after = bench.cpu_times(str(f))
+    assert bench.steal_share(before, after) == 50 / 200
+    assert bench.steal_share(before, before) is None           # no time passed
+    assert bench.steal_share(None, after) is None
+    assert bench.cpu_times(str(tmp_path / "missing")) is None
+    f.write_text("intr 1 2 3\n")
+    assert bench.cpu_times(str(f)) is None
+
+
+def test_table_flags_workloads_measured_under_steal():
+    def r(ms, steal):
+        return {"median_s": ms / 1e3, "n": 10, "steal": steal}
+    rounds = [{"fastbp": r(1.0, 0.01), "jax": r(2.0, 0.30)},
+              {"fastbp": r(1.0, 0.02), "jax": r(2.0, 0.00)}]
+    out = bench._combine(rounds, ["fastbp", "jax"])
+    assert out["jax"]["steal_rounds"] == [0.30, 0.00]
+    quiet = bench._combine([{"fastbp": r(1.0, 0.0), "jax": r(2.0, 0.01)}] * 2,
+                           ["fastbp", "jax"])
+    res = {"rounds": 2, "gemm_peak_gflops": 100.0,
+           "results": {"mlp_small": out, "lstm_tiny": quiet}}
+    table = bench.format_table(res)
+    lines = table.splitlines()
+    assert lines[0].endswith(" CPU steal |")
+    assert [ln for ln in lines if ln.startswith("| mlp_small")][0].endswith(" 30% |")
+    assert [ln for ln in lines if ln.startswith("| lstm_tiny")][0].endswith(" 1% |")
+    assert "while mlp_small ran" in table and "lstm_tiny ran" not in table
+    plain = {"rounds": 1, "results": {"mlp_small": {"fastbp": _r(1.0), "jax": _r(2.0)}}}
+    assert "steal" not in bench.format_table(plain)

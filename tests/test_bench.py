@@ -108,3 +108,37 @@ def test_table_flags_workloads_measured_under_steal():
     assert "while mlp_small ran" in table and "lstm_tiny ran" not in table
     plain = {"rounds": 1, "results": {"mlp_small": {"fastbp": _r(1.0), "jax": _r(2.0)}}}
     assert "steal" not in bench.format_table(plain)
+
+
+def test_max_steal_repeats_disturbed_measurements(monkeypatch):
+    """With max_steal, a measurement taken under more steal is repeated (at most `retries`
+    more times) and the least disturbed one is kept; errors are not retried."""
+    seq = {"fastbp": [0.40, 0.20, 0.30], "jax": [0.01], "torch": [{"error": "x"}]}
+    calls = []
+
+    def fake(peer, name, threads, repeat, budget, timeout=900):
+        calls.append(peer)
+        if peer == "peak":
+            return {"gflops": 1.0}
+        v = seq[peer].pop(0)
+        return v if isinstance(v, dict) else {"median_s": 1e-3 * (1 + v), "n": 5, "steal": v}
+
+    monkeypatch.setattr(bench, "run_one", fake)
+    res = bench.run(["mlp_small"], 2, peers=["fastbp", "jax", "torch"], progress=None,
+                    max_steal=0.05, retries=2)
+    r = res["results"]["mlp_small"]
+    assert calls.count("fastbp") == 3 and calls.count("jax") == 1 and calls.count("torch") == 1
+    assert r["fastbp"]["steal"] == 0.20 and r["fastbp"]["tries"] == 3
+    assert "tries" not in r["jax"] and r["torch"] == {"error": "x"}
+    assert res["max_steal"] == 0.05
+    seq.update(fastbp=[0.40], jax=[0.01], torch=[{"error": "x"}])
+    calls.clear()
+    bench.run(["mlp_small"], 2, peers=["fastbp", "jax", "torch"], progress=None)
+    assert calls.count("fastbp") == 1                    # no limit: measured once
+
+
+def test_cli_rejects_bad_max_steal():
+    for bad in (["--max-steal", "1.5"], ["--retries", "-1"]):
+        p = subprocess.run([sys.executable, "-m", "fastbp.bench", *bad], capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 2 and ("max-steal" in p.stderr or "retries" in p.stderr)

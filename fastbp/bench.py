@@ -431,6 +431,8 @@ def _combine(per_round, peers):
         steals = [r["steal"] for r in ok if "steal" in r]
         if steals:
             out[peer]["steal_rounds"] = steals
+        if any(r.get("tries", 1) > 1 for r in ok):
+            out[peer]["tries_rounds"] = [r.get("tries", 1) for r in ok]
     for r in per_round:
         others = [v["median_s"] for p, v in r.items() if p != "fastbp" and "median_s" in v]
         if "median_s" in r.get("fastbp", {}) and others:

@@ -95,7 +95,9 @@ def test_table_flags_workloads_measured_under_steal():
     rounds = [{"fastbp": r(1.0, 0.01), "jax": r(2.0, 0.30)},
               {"fastbp": r(1.0, 0.02), "jax": r(2.0, 0.00)}]
     out = bench._combine(rounds, ["fastbp", "jax"])
-    assert out["jax"]["steal_rounds"] == [0.30, 0.00]
+    assert out["jax"]["steal_rounds"] == [0.30, 0.00] and "tries_rounds" not in out["jax"]
+    rounds[0]["jax"]["tries"] = 3
+    assert bench._combine(rounds, ["fastbp", "jax"])["jax"]["tries_rounds"] == [3, 1]
     quiet = bench._combine([{"fastbp": r(1.0, 0.0), "jax": r(2.0, 0.01)}] * 2,
                            ["fastbp", "jax"])
     res = {"rounds": 2, "gemm_peak_gflops": 100.0,

@@ -198,12 +198,24 @@ def _walk(p, os, nout, by_dt):
         cols = by_dt.get(dt)
         if cols is None:
             cols = by_dt[dt] = [[] for _ in range(1 + len(os) + nout)]
-        cols[0].append(_flat(p))
-        for k, o in enumerate(os, 1):
+        # _flat inlined and sgd (params and grads only) without loops: the general form
+        # below made mlp_small's sgd update 53-56 µs against 40-43 (alternating runs)
+        r = p.ravel()
+        cols[0].append(r if r.flags.writeable else r.copy())
+        if nout == 1 and len(os) == 1:
+            out = np.empty(shape, dt)
+            r = os[0].ravel()
+            cols[1].append(r if r.flags.writeable else r.copy())
+            cols[2].append(out.ravel())
+            return (out,)
+        k = 1
+        for o in os:
             cols[k].append(_flat(o))
+            k += 1
         outs = [np.empty(shape, dt) for _ in range(nout)]
-        for k, o in enumerate(outs, 1 + len(os)):
+        for o in outs:
             cols[k].append(o.ravel())
+            k += 1
         return outs
     if tp is dict or (tp is not list and tp is not tuple and isinstance(p, dict)):
         keys = p.keys()
@@ -231,13 +243,22 @@ def _walk(p, os, nout, by_dt):
         for o in os:
             if not isinstance(o, (list, tuple)) or len(o) != n:
                 return None
+        make = list if isinstance(p, list) else tuple
+        if nout == 1 and len(os) == 1:
+            g = os[0]
+            out = []
+            for i in range(n):
+                r = _walk(p[i], (g[i],), 1, by_dt)
+                if r is None:
+                    return None
+                out.append(r[0])
+            return (out if make is list else tuple(out),)
         subs = []
         for i in range(n):
             r = _walk(p[i], [o[i] for o in os], nout, by_dt)
             if r is None:
                 return None
             subs.append(r)
-        make = list if isinstance(p, list) else tuple
         return [make([s[j] for s in subs]) for j in range(nout)]
     if p is None and all(o is None for o in os):
         return [None] * nout
@@ -255,6 +276,10 @@ def _groups(by_dt):
     """
     for dt, cols in by_dt.items():
         n = len(cols[0])
+        if n <= _GROUP:
+            fill = _PAD[dt][n]
+            yield dt, [tuple(c) + fill for c in cols], sum([a.size for a in cols[0]])
+            continue
         for lo in range(0, n, _GROUP):
             part = cols[0][lo:lo + _GROUP]
             fill = _PAD[dt][len(part)]

@@ -61,10 +61,11 @@ def _check_targets(name, what, a, t, lo=None, hi=None):
         raise TypeError(f"{name}: expected {what} of dtype {a.dtype} (same as the input), "
                         f"got {t.dtype}; mixed dtypes are not upcast, convert with .astype")
     tmin, tmax = _minmax(t)  # NaN propagates through min/max
+    verb = "contain" if what.endswith("s") else "contains"
     if math.isnan(tmin) or math.isnan(tmax):
-        raise ValueError(f"{name}: {what} contain NaN")
+        raise ValueError(f"{name}: {what} {verb} NaN")
     if math.isinf(tmin) or math.isinf(tmax):
-        raise ValueError(f"{name}: {what} contain inf")
+        raise ValueError(f"{name}: {what} {verb} inf")
     if lo is not None and (tmin < lo or (hi is not None and tmax > hi)):
         allowed = "non-negative" if hi is None else f"in [{lo}, {hi}]"
         bad = tmin if tmin < lo else tmax

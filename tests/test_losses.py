@@ -500,7 +500,7 @@ ERRORS = [
      + re.escape("(4, 9)")),
     (L.mse, (z32, np.zeros((4, 10))), TypeError, "mse: expected target of dtype float32.*float64"),
     (L.mse, (z32.astype(int), z32.astype(int)), TypeError, "mse: expected pred"),
-    (L.mse, (z32, np.full((4, 10), np.nan, np.float32)), ValueError, "mse: target contain NaN"),
+    (L.mse, (z32, np.full((4, 10), np.nan, np.float32)), ValueError, "mse: target contains NaN"),
     # binary_cross_entropy
     (L.binary_cross_entropy, (z32, np.full((4, 10), 1.5, np.float32)), ValueError,
      re.escape("binary_cross_entropy: targets must be in [0, 1], got 1.5")),

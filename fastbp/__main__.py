@@ -45,8 +45,10 @@ def cmd_info(args):
         ("BLAS (numpy)", f"{blas.get('name', '?')} {blas.get('version', '')}".strip()),
         ("BLAS (kernels)", _kernels_blas()),
         ("BLAS (scipy)", _scipy_blas()),
-        ("BLAS (conv taps)", (f"MKL sequential (FASTBP_MKL=1): {_blas.mkl.version}"
-                              if _blas.mkl is not None else "as the kernels (FASTBP_MKL=1 for MKL)")),
+        ("BLAS (one-thread GEMMs)", (f"MKL, {_blas.mkl.layer} layer, one thread per caller "
+                                     f"(FASTBP_MKL=0 to switch off): {_blas.mkl.version}"
+                                     if _blas.mkl is not None else
+                                     "as the kernels (pip install \"fastbp[mkl]\" for MKL)")),
         ("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "-") +
          (" (set by user)" if config.USER_SET_WAIT_POLICY else
           " (set by fastbp)" if "OMP_WAIT_POLICY" in config.SET_BY_FASTBP else

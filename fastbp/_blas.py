@@ -23,12 +23,23 @@ kernels run many small GEMMs, each on one BLAS thread of its own Python thread. 
 shapes OpenBLAS is weak: on the Intel AVX-512/AMX dev machine, one thread, GFLOP/s,
 OpenBLAS against MKL 2026.2 sequential: (32×96)·(96×1088) 58 against 102, (96×1088)·
 (1088×32) 82 against 114, (96×32)·(32×1088) 77 against 103 (a cifar conv2 kernel row, its
-weight and input gradients). With ``FASTBP_MKL=1``, the ``mkl`` wheel's ``libmkl_rt`` in the
-environment and NumPy's BLAS the bundled OpenBLAS (so no one else's MKL is changed),
-``mkl`` holds it, switched to its sequential layer, and ``fastbp._cblas.gemm1`` (the
-one-thread GEMM of the conv taps) calls its ILP64 ``cblas_?gemm_64``; everything else
-stays on OpenBLAS. It is opt-in because it slows PyTorch in the same process: once
-fastbp had called the sequential MKL, a 512² ``torch.mm`` took 2.2 ms against 1.3-1.5.
+weight and input gradients). When the ``mkl`` wheel's ``libmkl_rt`` is in the environment
+(and NumPy's BLAS is the bundled OpenBLAS, so no one else's MKL is changed), ``mkl`` holds
+it and ``fastbp._cblas.gemm1`` (the one-thread GEMM of the conv taps and of the split
+dense GEMMs, ``gemm_split``) calls its ILP64 ``cblas_?gemm_64``; everything else stays on
+OpenBLAS. ``FASTBP_MKL=0`` switches it off, ``FASTBP_MKL=1`` makes it required.
+
+MKL and PyTorch in one process: PyTorch's ``libtorch_cpu`` exports the MKL it links
+statically, and ``libmkl_rt`` loads its parts globally, so whichever comes first serves
+the other's MKL calls. MKL is therefore put on its GNU OpenMP layer (PyTorch's own), not
+on its sequential one, and each thread runs its ``gemm1`` calls inside
+``with mkl_one_thread():`` (MKL's thread-local count 1, restored afterwards). Measured,
+512² ``torch.mm`` with 2 threads: 1.4-1.7 ms with fastbp's MKL loaded before or after
+PyTorch, against 1.1-1.6 without it; on the sequential layer it took 2.5-3.0 ms
+(PyTorch's GEMMs ran on one thread). Without a
+loadable ``libgomp.so.1`` the sequential layer is used. Isolating MKL with ``dlmopen``
+does not work: ``libmkl_rt`` loads its parts with ``RTLD_GLOBAL``, which glibc 2.36
+rejects in a new namespace (a segfault in ``add_to_global_resize``).
 
 Thread count: OpenBLAS threads any GEMM with at least 2^18 multiply-adds, and on a
 2-core machine waking its second thread for a small GEMM costs more than the product: a
@@ -119,14 +130,27 @@ max_threads = chosen.threads if chosen is not None else 1
 _setters = [lib.set_local for lib in {id(x): x for x in (chosen, scipy_lib) if x}.values()]
 
 
+MKL_SEQUENTIAL, MKL_GNU = 1, 3        # MKL_THREADING_* values of mkl_service.h
+
+
 class MKL:
-    """The ``mkl`` wheel's single dynamic library, on its sequential threading layer."""
+    """The ``mkl`` wheel's single dynamic library, on the GNU OpenMP threading layer (or
+    the sequential one without libgomp); ``set_local(1)`` makes the calling thread's
+    GEMMs run on that thread alone."""
 
     def __init__(self, path):
         self.name, self.path = "mkl", path
         lib = ctypes.CDLL(path)
-        if lib.MKL_Set_Threading_Layer(1) != 1:          # 1 = MKL_THREADING_SEQUENTIAL
-            raise OSError(f"{path}: could not select MKL's sequential layer")
+        layer = MKL_GNU
+        try:
+            ctypes.CDLL("libgomp.so.1")     # the layer's dependency, loadable or not
+        except OSError:
+            layer = MKL_SEQUENTIAL
+        if lib.MKL_Set_Threading_Layer(layer) != layer:
+            raise OSError(f"{path}: could not select MKL's threading layer {layer}")
+        self.layer = "gnu" if layer == MKL_GNU else "sequential"
+        self.set_local = lib.MKL_Set_Num_Threads_Local
+        self.set_local.argtypes, self.set_local.restype = [ctypes.c_int], ctypes.c_int
         self.sgemm = ctypes.cast(lib.cblas_sgemm_64, ctypes.c_void_p).value
         self.dgemm = ctypes.cast(lib.cblas_dgemm_64, ctypes.c_void_p).value
         buf = ctypes.create_string_buffer(256)
@@ -139,7 +163,7 @@ def _find_mkl():
     flag = os.environ.get("FASTBP_MKL", "").strip().lower()
     if flag not in ("", "0", "1"):
         raise ValueError(f"FASTBP_MKL: expected '0' or '1', got {flag!r}")
-    if flag != "1":
+    if flag == "0":
         return None
     import sys
     paths = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
@@ -150,12 +174,38 @@ def _find_mkl():
                 return MKL(path)
             except (OSError, AttributeError):
                 continue
-    raise ImportError("FASTBP_MKL=1 but no usable libmkl_rt beside NumPy's OpenBLAS "
-                      f"(looked in {os.path.join(sys.prefix, 'lib')}; "
-                      "pip install \"fastbp[mkl]\")")
+    if flag == "1":
+        raise ImportError("FASTBP_MKL=1 but no usable libmkl_rt beside NumPy's OpenBLAS "
+                          f"(looked in {os.path.join(sys.prefix, 'lib')}; "
+                          "pip install \"fastbp[mkl]\")")
+    return None
 
 
 mkl = _find_mkl()
+
+
+class _MKLOneThread:
+    """``with mkl_one_thread():`` MKL's GEMMs called from this thread run on it alone
+    (MKL's thread-local count 1); on exit the thread's previous count is restored, so a
+    PyTorch sharing the library runs its own GEMMs on its threads again. No-op without
+    MKL."""
+    __slots__ = ("prev",)
+
+    def __enter__(self):
+        self.prev = mkl.set_local(1) if mkl is not None else 0
+        return self
+
+    def __exit__(self, *exc):
+        if mkl is not None:
+            mkl.set_local(self.prev)
+        return False
+
+
+def mkl_one_thread():
+    return _MKLOneThread()
+
+
+mkl_one_thread.__doc__ = _MKLOneThread.__doc__
 
 
 def thread_timeout():
@@ -184,5 +234,5 @@ def gemm_macs(m: int, k: int, n: int) -> int:
     return int(m) * int(k) * int(n)
 
 
-__all__ = ["use_for", "set_max_threads", "threshold", "max_threads", "library", "name",
-           "gemm_macs", "thread_timeout", "mkl"]
+__all__ = ["use_for", "mkl_one_thread", "set_max_threads", "threshold", "max_threads",
+           "library", "name", "gemm_macs", "thread_timeout", "mkl"]

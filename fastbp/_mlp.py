@@ -10,13 +10,20 @@ layer's own error message.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from . import _blas
+from . import _blas, _pool, config
 from .kernels import dense as D
 from .layers import Dense, ReLU
 
 FUSED = "fused into the previous layer"
+# Large chains with MKL (fastbp[mkl]): each GEMM of at least SPLIT_MACS multiply-adds runs
+# in column blocks, one per fastbp thread, each block on a one-thread MKL GEMM; smaller
+# GEMMs and the element-wise passes stay as in the compiled chain. FASTBP_MKL_SPLIT_MACS
+# overrides the threshold (a huge value never splits).
+SPLIT_MACS = int(os.environ.get("FASTBP_MKL_SPLIT_MACS", 1 << 28))
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _EMPTY = {dt: np.zeros(0, dt) for dt in _FLOATS}
 
@@ -106,8 +113,16 @@ def forward(plan_, n_layers, params, x):
         return None
     M = x2.shape[0]
     ys = tuple([np.empty((M, b[0]), dt) for b in plan_.bshapes])
-    _blas.use_for(M * plan_.max_io)
-    D.mlp_forward(x2, Ws, bs, relus, ys)
+    k = _split_threads(M * plan_.max_io)
+    if k:
+        h = x2
+        for W, b, relu, y in zip(Ws, bs, relus, ys):
+            gemm(False, False, h, W, y, k)
+            D.bias_relu(y, b, relu)
+            h = y
+    else:
+        _blas.use_for(M * plan_.max_io)
+        D.mlp_forward(x2, Ws, bs, relus, ys)
     caches = [FUSED] * n_layers
     h = x2
     for k, i in enumerate(pos):
@@ -152,11 +167,61 @@ def backward(plan_, n_layers, params, cache, dy, input_grad):
     empty = _EMPTY[dt]
     dbs = tuple([np.empty(shape, dt) if has_b else empty
                  for has_b, shape in zip(plan_.has_bias, plan_.bshapes)])
-    _blas.use_for(x2.shape[0] * plan_.max_io)
-    dx2 = D.mlp_backward(x2, Ws, tuple(ys), dy2, relus, plan_.has_bias, bool(input_grad),
-                         dWs, dbs)
+    k = _split_threads(x2.shape[0] * plan_.max_io)
+    if k:
+        dx2 = _backward_split(x2, Ws, ys, dy2, relus, plan_.has_bias, bool(input_grad),
+                              dWs, dbs, k)
+    else:
+        _blas.use_for(x2.shape[0] * plan_.max_io)
+        dx2 = D.mlp_backward(x2, Ws, tuple(ys), dy2, relus, plan_.has_bias,
+                             bool(input_grad), dWs, dbs)
     grads = [{} for _ in range(n_layers)]
     for k, i in enumerate(pos):
         grads[i] = {"W": dWs[k], "b": dbs[k]} if plan_.has_bias[k] else {"W": dWs[k]}
     dx = dx2.reshape(first[3]) if input_grad else None
     return dx, grads
+
+
+# ---------------------------------------------------------------- large chains on MKL
+def _split_threads(macs):
+    """The thread count for the split path (0: run the compiled chain)."""
+    if _blas.mkl is None or macs < SPLIT_MACS:
+        return 0
+    k = config.get_num_threads()
+    return k if k >= 2 else 0
+
+
+def gemm(ta, tb, a, b, out, k):
+    """out = op(a) · op(b) (op(m) = mᵀ when its flag is set; a, b, out C-contiguous):
+    from SPLIT_MACS multiply-adds in k column blocks of out, side by side on the calling
+    thread and pool threads, each a one-thread MKL GEMM; below, one OpenBLAS call."""
+    M, N = out.shape
+    K = a.shape[0] if ta else a.shape[1]
+    macs = M * N * K
+    if k >= 2 and macs >= SPLIT_MACS and N >= 32 * k:
+        step = -(-N // k)
+        step = -(-step // 16) * 16          # blocks start on 64-byte boundaries
+        blocks = [(c, min(N, c + step)) for c in range(0, N, step)]
+
+        def job(i):
+            with _blas.mkl_one_thread():
+                D.gemm_block(ta, tb, a, b, out, blocks[i][0], blocks[i][1], True)
+        _pool.run_items(job, len(blocks), k)
+    else:
+        _blas.use_for(macs)
+        D.gemm_block(ta, tb, a, b, out, 0, N, False)
+
+
+def _backward_split(x2, Ws, ys, dy2, relus, has_bias, input_grad, dWs, dbs, k):
+    """``D.mlp_backward`` with its GEMMs run by ``gemm``."""
+    d = dy2
+    dx = np.zeros((0, 0), dtype=dy2.dtype)
+    for i in range(len(Ws) - 1, -1, -1):
+        dz = D.mask_colsum(d, ys[i], relus[i], has_bias[i], dbs[i])
+        gemm(True, False, x2 if i == 0 else ys[i - 1], dz, dWs[i], k)
+        if i > 0 or input_grad:
+            d = np.empty((dz.shape[0], Ws[i].shape[0]), dtype=dz.dtype)
+            gemm(False, True, dz, Ws[i], d, k)
+            if i == 0:
+                dx = d
+    return dx

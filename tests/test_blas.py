@@ -190,10 +190,14 @@ def _has_mkl_wheel():
     return bool(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
 
 
-def test_mkl_is_opt_in_and_its_errors_are_clear():
-    p = run_py("import fastbp._blas as b; print(b.mkl)")
+def test_mkl_is_on_when_installed_and_its_errors_are_clear():
+    p = run_py("import fastbp._blas as b; print(b.mkl is not None)")
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split()[-1] == "None"                  # off unless FASTBP_MKL=1
+    expected = _has_mkl_wheel() and _blas.numpy_lib is not None
+    assert p.stdout.split()[-1] == str(expected)           # on when the wheel is there
+    p = run_py("import fastbp._blas as b; print(b.mkl is not None)", FASTBP_MKL="0")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[-1] == "False"                 # FASTBP_MKL=0 switches it off
     p = run_py("import fastbp", FASTBP_MKL="yes")
     assert p.returncode != 0 and "FASTBP_MKL" in p.stderr and "'yes'" in p.stderr
     if not _has_mkl_wheel():
@@ -201,13 +205,48 @@ def test_mkl_is_opt_in_and_its_errors_are_clear():
         assert p.returncode != 0 and "libmkl_rt" in p.stderr
 
 
+MKL_THREADS = """
+import ctypes, json
+import numpy as np
+import fastbp
+from fastbp import _blas
+from fastbp.kernels import conv as K
+get = _blas.mkl._lib.MKL_Get_Max_Threads
+get.restype = ctypes.c_int
+_blas.mkl._lib.MKL_Set_Num_Threads(2)
+before = get()
+with _blas.mkl_one_thread():
+    inside = get()
+x = np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32)
+W = np.random.default_rng(1).standard_normal((5, 3, 3, 3)).astype(np.float32)
+K.conv2d_forward(x, W, np.zeros(5, np.float32), 1, 1, method="tap")
+print(json.dumps({"layer": _blas.mkl.layer, "before": before, "inside": inside,
+                  "after": get()}))
+"""
+
+
+@pytest.mark.skipif(not _has_mkl_wheel() or _blas.numpy_lib is None,
+                    reason="needs the mkl wheel (pip install 'fastbp[mkl]')")
+def test_mkl_one_thread_is_local_and_restored():
+    """fastbp's MKL GEMMs run on one thread, and the calling thread's MKL thread count
+    (which a PyTorch in the same process may share) is given back afterwards."""
+    p = run_py(MKL_THREADS)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["layer"] in ("gnu", "sequential")
+    assert r["inside"] == 1
+    if r["layer"] == "gnu":
+        assert r["before"] == 2
+    assert r["after"] == r["before"]
+
+
 @pytest.mark.skipif(not _has_mkl_wheel() or _blas.numpy_lib is None or not _cblas.available,
                     reason="needs the mkl wheel (pip install 'fastbp[mkl]') and OpenBLAS CBLAS")
 def test_mkl_taps_give_the_openblas_numbers():
-    """With FASTBP_MKL=1 the conv taps' GEMMs run on MKL: same y, dx, dW, db as OpenBLAS
+    """With MKL the conv taps' GEMMs run on it: same y, dx, dW, db as OpenBLAS
     (float64 to 1e-12, float32 to 1e-5), with NumPy imported first or not."""
     res = {}
-    for key, env, pre in (("openblas", {}, ""), ("mkl", {"FASTBP_MKL": "1"}, ""),
+    for key, env, pre in (("openblas", {"FASTBP_MKL": "0"}, ""), ("mkl", {"FASTBP_MKL": "1"}, ""),
                           ("mkl-numpy-first", {"FASTBP_MKL": "1"}, "import numpy\n")):
         p = run_py(pre + MKL_CONV, **env)
         assert p.returncode == 0, p.stderr

@@ -888,7 +888,8 @@ def _tap_forward(x, W, b, ph, pw, relu, y):
         _blas.use_for(0)
         xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
         tbuf = _workspace("tap_t", F * g * S, x.dtype)
-        _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf, y)
+        with _blas.mkl_one_thread():
+            _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf, y)
     if threads == 1:
         run(0, N)
     else:                 # groups claimed one at a time by the threads: balanced
@@ -916,8 +917,9 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
         xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
         zbuf = _workspace("tap_t", F * g * S, x.dtype)
         dbuf = _workspace("tap_d", KW * C * g * S if input_grad else 0, x.dtype)
-        _tap_backward_rows(x, Wk, dy, yy, relu, ph, pw, n0, n1, g, input_grad,
-                           xbuf, zbuf, dbuf, dWt, dbg, dxo)
+        with _blas.mkl_one_thread():
+            _tap_backward_rows(x, Wk, dy, yy, relu, ph, pw, n0, n1, g, input_grad,
+                               xbuf, zbuf, dbuf, dWt, dbg, dxo)
     if threads == 1:
         run(0, N)
     else:                 # groups claimed one at a time by the threads: balanced

@@ -7,6 +7,7 @@ inside prange.
 """
 import numpy as np
 
+from .. import _cblas
 from .._cblas import dot
 from .._jit import jit
 
@@ -174,3 +175,42 @@ def mlp_backward(x, Ws, ys, dy, relus, has_bias, input_grad, dWs, dbs):
             if i == 0:
                 dx = d
     return dx
+
+
+# --- pieces of the chain for callers that run the GEMMs themselves -----------------------
+# ``fastbp._mlp`` splits the large GEMMs of a chain in column blocks over Python threads,
+# each on a one-thread MKL GEMM (``gemm_block``), and runs the element-wise passes here.
+@jit
+def gemm_block(ta, tb, a, b, out, c0, c1, one_thread):
+    """out[:, c0:c1] = op(a) · op(b)[:, c0:c1], op(m) = mᵀ when its flag is set.
+
+    a, b, out 2-D C-contiguous, one float dtype: op(a) (M, K), op(b) (K, N), out (M, N).
+    ``one_thread``: on ``_cblas.gemm1`` (MKL's one-thread GEMM when fastbp found MKL), else
+    on ``_cblas.gemm`` (the kernels' OpenBLAS, with the caller's thread count).
+    """
+    M, N = out.shape
+    K = a.shape[0] if ta else a.shape[1]
+    if c1 <= c0 or M == 0:
+        return
+    if K == 0:
+        out[:, c0:c1] = 0
+        return
+    ldb = b.shape[1]
+    ib = c0 * ldb if tb else c0            # first column of op(b)'s block
+    if one_thread:
+        _cblas.gemm1(ta, tb, M, c1 - c0, K, a, 0, a.shape[1], b, ib, ldb, 0, out, c0, N)
+    else:
+        _cblas.gemm(ta, tb, M, c1 - c0, K, a, 0, a.shape[1], b, ib, ldb, 0, out, c0, N)
+
+
+@jit
+def bias_relu(y, b, relu):
+    """In place on y (M, N): y += b (b (N,), or (0,) for none), then max(y, 0) if ``relu``."""
+    _bias_relu(y, b, relu)
+
+
+@jit
+def mask_colsum(d, y, relu, has_bias, db):
+    """dz = d ⊙ [y > 0] if ``relu`` (a new array) else d itself; db (N,) = Σ_rows dz when
+    ``has_bias``. d, y (M, N). Returns dz."""
+    return _mask_colsum(d, y, relu, has_bias, db)

@@ -127,6 +127,21 @@ def _network(run):
         F.predict(model, params, x)
     run.attempt("Sequential(Dense, ReLU, Dense)", call)
 
+    def split():                    # the pieces of large chains on MKL (fastbp._mlp)
+        from . import _mlp
+        a, b, out = run.x((4, 6)), run.x((6, 64)), np.empty((4, 64), run.dtype)
+        old = _mlp.SPLIT_MACS
+        _mlp.SPLIT_MACS = 0
+        try:
+            _mlp.gemm(False, False, a, b, out, 2)      # column blocks, one-thread GEMMs
+            _mlp.gemm(False, False, a, b, out, 1)      # one GEMM
+        finally:
+            _mlp.SPLIT_MACS = old
+        db = np.empty(64, run.dtype)
+        _mlp.D.bias_relu(out, db, True)
+        _mlp.D.mask_colsum(out, out, True, True, db)
+    run.attempt("Sequential(Dense, ...) on split GEMMs", split)
+
 
 def _math(run):
     from .kernels import _math as fm

@@ -171,9 +171,18 @@ def _gemm_impl(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
 
 def gemm1(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
     """``gemm`` for a caller that runs its BLAS on one thread (compiled code only): the
-    same arguments and result, on MKL's sequential GEMM when ``fastbp._blas.mkl`` is set
-    (faster on the small shapes of the conv taps), else exactly ``gemm``."""
+    same arguments and result, on MKL's GEMM when ``fastbp._blas.mkl`` is set and every
+    dimension is at least ``MKL_MIN_DIM``, else exactly ``gemm``."""
     raise NotImplementedError("fastbp._cblas.gemm1 is only callable from compiled code")
+
+
+# MKL's one-thread GEMM wins on the conv taps of cifar conv2 (M, N, K ≥ 32) and loses on
+# thinner ones. Layer calls, ms, OpenBLAS against MKL (two runs each, 2 threads):
+# 64×1×28×28 8@5×5 (dims down to 5) forward 0.38-0.45 vs 0.52-0.58, backward 0.76-0.78
+# vs 0.88-1.08; 64×8×12×12 16@5×5 (16) 0.53 vs 0.59-0.68, 1.25-1.29 vs 1.39-1.89;
+# 32×3×32×32 32@3×3 (9) 0.98-1.03 vs 1.04-1.24; 32×32×32×32 32@3×3 (32) forward 7.0-7.5
+# vs 5.0-5.9, backward 13.3-13.4 vs 12.6-13.2.
+MKL_MIN_DIM = 32
 
 
 # A copy of _gemm_impl, not one factory for both: Numba keys cached overloads by the
@@ -182,14 +191,16 @@ def gemm1(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
 @overload(gemm1, jit_options=dict(cache=True))
 def _gemm1_impl(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
     fn1, t1 = _pick(A, _sgemm1, _dgemm1)
+    fn0, _ = _pick(A, _sgemm, _dgemm)
     if fn1 is None:  # pragma: no cover
         return None
 
     def impl1(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
-        fn1(np.int64(ROW_MAJOR), np.int64(TRANS if ta else NO_TRANS),
-            np.int64(TRANS if tb else NO_TRANS), np.int64(M), np.int64(N), np.int64(K),
-            t1(1), _ptr(A, ia), np.int64(lda), _ptr(B, ib), np.int64(ldb), t1(beta),
-            _ptr(C, ic), np.int64(ldc))
+        fn = fn1 if min(M, N, K) >= MKL_MIN_DIM else fn0
+        fn(np.int64(ROW_MAJOR), np.int64(TRANS if ta else NO_TRANS),
+           np.int64(TRANS if tb else NO_TRANS), np.int64(M), np.int64(N), np.int64(K),
+           t1(1), _ptr(A, ia), np.int64(lda), _ptr(B, ib), np.int64(ldb), t1(beta),
+           _ptr(C, ic), np.int64(ldc))
     return impl1
 
 

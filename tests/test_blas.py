@@ -174,13 +174,17 @@ from fastbp.kernels import conv as K
 rng = np.random.default_rng(5)
 out = {"mkl": None if _blas.mkl is None else _blas.mkl.version}
 for dt in (np.float32, np.float64):
-    x = rng.standard_normal((5, 7, 9, 8)).astype(dt)
-    W = rng.standard_normal((6, 7, 3, 3)).astype(dt)
-    b = rng.standard_normal(6).astype(dt)
-    y = K.conv2d_forward(x, W, b, 1, 1, True, "tap")
-    dy = rng.standard_normal(y.shape).astype(dt)
-    dx, dW, db = K.conv2d_backward(x, W, dy, 1, 1, True, True, y, "tap")
-    out[np.dtype(dt).name] = [a.astype(np.float64).ravel().tolist() for a in (y, dx, dW, db)]
+    res = []
+    # thin GEMMs (F = 6: OpenBLAS) and GEMMs with every dimension >= MKL_MIN_DIM (MKL)
+    for C, F in ((7, 6), (12, 33)):
+        x = rng.standard_normal((5, C, 9, 8)).astype(dt)
+        W = rng.standard_normal((F, C, 3, 3)).astype(dt)
+        b = rng.standard_normal(F).astype(dt)
+        y = K.conv2d_forward(x, W, b, 1, 1, True, "tap")
+        dy = rng.standard_normal(y.shape).astype(dt)
+        dx, dW, db = K.conv2d_backward(x, W, dy, 1, 1, True, True, y, "tap")
+        res += [a.astype(np.float64).ravel().tolist() for a in (y, dx, dW, db)]
+    out[np.dtype(dt).name] = res
 print(json.dumps(out))
 """
 

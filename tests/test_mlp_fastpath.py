@@ -122,7 +122,8 @@ def test_mkl_split_path_matches_compiled_chain(monkeypatch, make, dtype, input_g
     model = make()
     params = F.init(model, seed=2, dtype=dtype)
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((7, model.layers[0].in_features)).astype(dtype)
+    # 40 rows: some column blocks have every GEMM dimension >= MKL_MIN_DIM (MKL), others not
+    x = rng.standard_normal((40, model.layers[0].in_features)).astype(dtype)
     x0 = x.copy()
     y_ref, c_ref = F.forward(model, params, x)
     dy = rng.standard_normal(y_ref.shape).astype(dtype)

@@ -351,9 +351,14 @@ def available_peers():
 
 def machine_info():
     import numba
+
+    from . import _blas
+    blas = f"OpenBLAS ({_blas.name})" if _blas.name else "Numba's np.dot"
+    if _blas.mkl is not None:
+        blas += " + MKL (one-thread GEMMs)"
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "numba": numba.__version__}
+            "numpy": np.__version__, "numba": numba.__version__, "fastbp_blas": blas}
 
 
 def _measure(peer, name, threads, repeat, budget, max_steal, retries, progress, tag):
@@ -532,7 +537,8 @@ def main(argv=None):
               max_steal=args.max_steal, retries=args.retries)
     info = res["info"]
     print(f"\nmeasured {info['date']} on {info['cpus']}-CPU {info['machine']}, Python "
-          f"{info['python']}, numba {info['numba']}; float32 GEMM peak "
+          f"{info['python']}, numba {info['numba']}, fastbp on {info.get('fastbp_blas', '?')}; "
+          "float32 GEMM peak "
           f"{res['gemm_peak_gflops']:.0f} GFLOP/s; medians of single training steps"
           + (f", median over {res['rounds']} rounds" if res["rounds"] > 1 else "") + "\n")
     print(format_table(res))

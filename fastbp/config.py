@@ -22,7 +22,12 @@ Environment variables (all optional):
     fastbp's PASSIVE policy PyTorch's OpenMP threads sleep between regions, and its steps
     measured slower (cnn_cifar 26-27 against 21-25 ms, mlp_mnist 2.2-2.8 against 1.8-2.2).
 ``FASTBP_MKL``
-    ``1`` runs the conv taps' one-thread GEMMs on MKL (see ``fastbp/_blas.py``).
+    ``0`` keeps every GEMM on OpenBLAS even when the ``mkl`` extra is installed; ``1``
+    requires MKL (an ImportError without it). Unset: MKL runs the one-thread GEMMs (conv
+    taps, split dense GEMMs) when installed (see ``fastbp/_blas.py``).
+``FASTBP_MKL_SPLIT_MACS``
+    Multiply-adds from which a Dense/ReLU chain splits a GEMM over the threads on MKL
+    (default 2^28; see ``fastbp/_mlp.py``).
 """
 from __future__ import annotations
 

@@ -35,9 +35,9 @@ the other's MKL calls. MKL is therefore put on its GNU OpenMP layer (PyTorch's o
 on its sequential one, and each thread runs its ``gemm1`` calls inside
 ``with mkl_one_thread():`` (MKL's thread-local count 1, restored afterwards). Measured,
 512² ``torch.mm`` with 2 threads: 1.4-1.7 ms with fastbp's MKL loaded before or after
-PyTorch, against 1.1-1.6 without it; on the sequential layer it took 2.5-3.0 ms
-(PyTorch's GEMMs ran on one thread). Without a
-loadable ``libgomp.so.1`` the sequential layer is used. Isolating MKL with ``dlmopen``
+PyTorch, against 1.1-2.2 without it (a noisy machine); on the sequential layer it took
+2.5-3.0 ms (PyTorch's GEMMs ran on one thread). Without a loadable ``libgomp.so.1`` the
+sequential layer is used. Isolating MKL with ``dlmopen``
 does not work: ``libmkl_rt`` loads its parts with ``RTLD_GLOBAL``, which glibc 2.36
 rejects in a new namespace (a segfault in ``add_to_global_resize``).
 

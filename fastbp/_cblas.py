@@ -196,11 +196,16 @@ def _gemm1_impl(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
         return None
 
     def impl1(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
-        fn = fn1 if min(M, N, K) >= MKL_MIN_DIM else fn0
-        fn(np.int64(ROW_MAJOR), np.int64(TRANS if ta else NO_TRANS),
-           np.int64(TRANS if tb else NO_TRANS), np.int64(M), np.int64(N), np.int64(K),
-           t1(1), _ptr(A, ia), np.int64(lda), _ptr(B, ib), np.int64(ldb), t1(beta),
-           _ptr(C, ic), np.int64(ldc))
+        o, a, b = np.int64(ROW_MAJOR), np.int64(TRANS if ta else NO_TRANS), \
+            np.int64(TRANS if tb else NO_TRANS)
+        if min(M, N, K) >= MKL_MIN_DIM:   # two calls: Numba cannot unify the two functions
+            fn1(o, a, b, np.int64(M), np.int64(N), np.int64(K), t1(1), _ptr(A, ia),
+                np.int64(lda), _ptr(B, ib), np.int64(ldb), t1(beta), _ptr(C, ic),
+                np.int64(ldc))
+        else:
+            fn0(o, a, b, np.int64(M), np.int64(N), np.int64(K), t1(1), _ptr(A, ia),
+                np.int64(lda), _ptr(B, ib), np.int64(ldb), t1(beta), _ptr(C, ic),
+                np.int64(ldc))
     return impl1
 
 

@@ -45,14 +45,12 @@ def cmd_info(args):
         ("BLAS (numpy)", f"{blas.get('name', '?')} {blas.get('version', '')}".strip()),
         ("BLAS (kernels)", _kernels_blas()),
         ("BLAS (scipy)", _scipy_blas()),
-        ("BLAS (one-thread GEMMs)", (f"MKL, {_blas.mkl.layer} layer, one thread per caller "
-                                     f"(FASTBP_MKL=0 to switch off): {_blas.mkl.version}"
+        ("BLAS (one-thread GEMMs)", (f"MKL from M, N, K >= 32, else the kernels' OpenBLAS; "
+                                     f"{_blas.mkl.layer} layer (FASTBP_MKL=0 to switch off): "
+                                     f"{_blas.mkl.version}"
                                      if _blas.mkl is not None else
                                      "as the kernels (pip install \"fastbp[mkl]\" for MKL)")),
-        ("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "-") +
-         (" (set by user)" if config.USER_SET_WAIT_POLICY else
-          " (set by fastbp)" if "OMP_WAIT_POLICY" in config.SET_BY_FASTBP else
-          " (FASTBP_ENV_DEFAULTS=0)")),
+        ("OpenMP idle workers", _wait_policy()),
         ("OPENBLAS_THREAD_TIMEOUT", f"{_blas.thread_timeout()} in force (2^n cycles; "
                                     + ("set by user)" if config.USER_SET_BLAS_TIMEOUT
                                        else "fastbp asks for 20)"
@@ -72,9 +70,25 @@ def cmd_info(args):
     return 0
 
 
+def _wait_policy():
+    """How libgomp's idle workers wait, and who chose it (see fastbp/config.py)."""
+    from fastbp import config
+    pol = os.environ.get("OMP_WAIT_POLICY")
+    spin = os.environ.get("GOMP_SPINCOUNT")
+    what = " ".join(x for x in (pol and f"OMP_WAIT_POLICY={pol}",
+                                spin and f"GOMP_SPINCOUNT={spin}") if x) or "libgomp's default"
+    who = ("set by user" if config.USER_SET_WAIT_POLICY else
+           "set by fastbp" if config.SET_BY_FASTBP and set(config.SET_BY_FASTBP) &
+           {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} else "FASTBP_ENV_DEFAULTS=0")
+    return f"{what} ({who})"
+
+
 def _kernels_blas():
-    """Which bundled OpenBLAS the kernels' GEMMs call (see fastbp/_blas.py)."""
+    """Which library the kernels' threaded GEMMs call (see fastbp/_blas.py)."""
     from fastbp import _blas
+    if _blas.dense_mkl:
+        return (f"MKL, threads per GEMM size (FASTBP_MKL_DENSE=0 for {_blas.name}'s "
+                "OpenBLAS)")
     if _blas.name is None:
         return "none with CBLAS (kernels use Numba's np.dot through SciPy)"
     why = ("FASTBP_BLAS" if os.environ.get("FASTBP_BLAS") else

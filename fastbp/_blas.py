@@ -18,7 +18,11 @@ library chosen here:
 ``FASTBP_BLAS=numpy`` or ``FASTBP_BLAS=scipy`` forces the choice (when that library has
 CBLAS). ``name`` and ``library`` say what is in use; ``fastbp info`` prints them.
 
-One-thread GEMMs on MKL (optional, ``pip install "fastbp[mkl]"``). The per-tap conv
+MKL (optional, ``pip install "fastbp[mkl]"``). When present it also runs the threaded
+GEMMs (``dense_mkl``; ``FASTBP_MKL_DENSE=0`` keeps them on OpenBLAS), and fastbp.config
+then lets libgomp's idle workers spin briefly instead of sleeping (see there).
+
+One-thread GEMMs on MKL. The per-tap conv
 kernels run many small GEMMs, each on one BLAS thread of its own Python thread. On those
 shapes OpenBLAS is weak: on the Intel AVX-512/AMX dev machine, one thread, GFLOP/s,
 OpenBLAS against MKL 2026.2 sequential: (32×96)·(96×1088) 58 against 102, (96×1088)·
@@ -182,6 +186,11 @@ def _find_mkl():
 
 
 mkl = _find_mkl()
+# With MKL, the threaded GEMMs (``fastbp._cblas.gemm``: dense layers, the recurrent cells'
+# per-step products, the conv im2col path) run on it too, with MKL's thread count set by
+# ``use_for`` like OpenBLAS's; FASTBP_MKL_DENSE=0 keeps them on OpenBLAS.
+dense_mkl = (mkl is not None and mkl.layer == "gnu"
+             and os.environ.get("FASTBP_MKL_DENSE", "").strip() != "0")
 
 
 class _MKLOneThread:
@@ -221,13 +230,49 @@ def set_max_threads(n: int) -> None:
     _state.current = None
 
 
-def use_for(macs: int) -> None:
-    """Set the calling thread's BLAS thread count for a GEMM of ``macs`` multiply-adds."""
+class _RestoreMKL:
+    """Gives the calling thread its previous MKL thread count back on ``__exit__``."""
+    __slots__ = ("prev",)
+
+    def __init__(self, prev):
+        self.prev = prev
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        mkl.set_local(self.prev)
+        return False
+
+
+class _Nothing:
+    __slots__ = ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NOTHING = _Nothing()
+
+
+def use_for(macs: int):
+    """Set the calling thread's BLAS thread count for a GEMM of ``macs`` multiply-adds.
+
+    Use it as ``with use_for(macs): kernel(...)``. OpenBLAS's count (fastbp's own library)
+    is set at once and stays; with MKL's threaded GEMMs (``dense_mkl``) MKL's thread-local
+    count is set too and restored when the ``with`` block ends, because a PyTorch in the
+    same process shares that MKL."""
     n = 1 if macs < threshold else max_threads
     if getattr(_state, "current", None) != n:
         for setter in _setters:
             setter(n)
         _state.current = n
+    if dense_mkl:
+        return _RestoreMKL(mkl.set_local(n))
+    return _NOTHING
 
 
 def gemm_macs(m: int, k: int, n: int) -> int:

@@ -41,11 +41,16 @@ def _sig(dt, it):
     return types.void(it, it, it, it, it, it, dt, p, it, p, it, dt, p, it)
 
 
+# the GEMM of ``gemm`` (threads set by fastbp._blas.use_for): MKL when fastbp._blas runs
+# its threaded GEMMs there (``dense_mkl``), else the chosen OpenBLAS
 _sgemm = types.ExternalFunction("fastbp_cblas_sgemm", _sig(types.float32, types.int64))
 _dgemm = types.ExternalFunction("fastbp_cblas_dgemm", _sig(types.float64, types.int64))
-# the one-thread GEMM (gemm1): MKL's sequential one when fastbp._blas found it, else the same
+# the one-thread GEMMs of ``gemm1``: MKL's (when fastbp._blas found it) for shapes of at
+# least MKL_MIN_DIM, and always the chosen OpenBLAS for thinner ones
 _sgemm1 = types.ExternalFunction("fastbp_cblas_sgemm1", _sig(types.float32, types.int64))
 _dgemm1 = types.ExternalFunction("fastbp_cblas_dgemm1", _sig(types.float64, types.int64))
+_sgemm0 = types.ExternalFunction("fastbp_cblas_sgemm0", _sig(types.float32, types.int64))
+_dgemm0 = types.ExternalFunction("fastbp_cblas_dgemm0", _sig(types.float64, types.int64))
 
 
 # --- the two shims: SciPy's LP64 CBLAS, and no CBLAS at all ----------------------------
@@ -86,38 +91,35 @@ def _fallback(o, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
 
 
 def _bind():
-    """Bind fastbp_cblas_[sd]gemm to the chosen library; returns True with real CBLAS."""
+    """Bind the fastbp_cblas_* names (see the ExternalFunctions above) to the libraries
+    fastbp._blas chose; returns True with real CBLAS."""
     import llvmlite.binding as llvm
     lib = _blas.chosen
     one = _blas.mkl
-    if one is not None:        # by address only: loading MKL globally (RTLD_GLOBAL) let
-        # PyTorch in the same process resolve its BLAS to this sequential MKL (its cifar
-        # step went from 27-34 to 47-50 ms)
-        llvm.add_symbol("fastbp_cblas_sgemm1", one.sgemm)
-        llvm.add_symbol("fastbp_cblas_dgemm1", one.dgemm)
     if lib is not None and lib.ilp64:
         llvm.load_library_permanently(lib.path)
-        llvm.add_symbol("fastbp_cblas_sgemm", lib.sgemm)
-        llvm.add_symbol("fastbp_cblas_dgemm", lib.dgemm)
-        if one is None:
-            llvm.add_symbol("fastbp_cblas_sgemm1", lib.sgemm)
-            llvm.add_symbol("fastbp_cblas_dgemm1", lib.dgemm)
-        return True
-    if lib is not None:
-        llvm.load_library_permanently(lib.path)
-        fs = cfunc(_sig(types.float32, types.int64), cache=True)(_s_lp64)
-        fd = cfunc(_sig(types.float64, types.int64), cache=True)(_d_lp64)
+        s0, d0 = lib.sgemm, lib.dgemm
         ok = True
-    else:  # pragma: no cover - wheels without OpenBLAS's CBLAS
-        fs = cfunc(_sig(types.float32, types.int64), cache=True)(_fallback)
-        fd = cfunc(_sig(types.float64, types.int64), cache=True)(_fallback)
-        ok = False
-    _bind.keep = (fs, fd)                      # the cfuncs must outlive their addresses
-    llvm.add_symbol("fastbp_cblas_sgemm", fs.address)
-    llvm.add_symbol("fastbp_cblas_dgemm", fd.address)
-    if one is None:
-        llvm.add_symbol("fastbp_cblas_sgemm1", fs.address)
-        llvm.add_symbol("fastbp_cblas_dgemm1", fd.address)
+    else:
+        if lib is not None:
+            llvm.load_library_permanently(lib.path)
+            fs = cfunc(_sig(types.float32, types.int64), cache=True)(_s_lp64)
+            fd = cfunc(_sig(types.float64, types.int64), cache=True)(_d_lp64)
+            ok = True
+        else:  # pragma: no cover - wheels without OpenBLAS's CBLAS
+            fs = cfunc(_sig(types.float32, types.int64), cache=True)(_fallback)
+            fd = cfunc(_sig(types.float64, types.int64), cache=True)(_fallback)
+            ok = False
+        _bind.keep = (fs, fd)                  # the cfuncs must outlive their addresses
+        s0, d0 = fs.address, fd.address
+    # MKL by address only: loading it globally (RTLD_GLOBAL) let PyTorch in the same
+    # process resolve its BLAS to fastbp's MKL settings (its cifar step went from 27-34 to
+    # 47-50 ms)
+    s1, d1 = (one.sgemm, one.dgemm) if one is not None else (s0, d0)
+    sg, dg = (one.sgemm, one.dgemm) if _blas.dense_mkl else (s0, d0)
+    for name, addr in (("sgemm0", s0), ("dgemm0", d0), ("sgemm1", s1), ("dgemm1", d1),
+                       ("sgemm", sg), ("dgemm", dg)):
+        llvm.add_symbol("fastbp_cblas_" + name, addr)
     return ok
 
 
@@ -172,7 +174,7 @@ def _gemm_impl(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
 def gemm1(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
     """``gemm`` for a caller that runs its BLAS on one thread (compiled code only): the
     same arguments and result, on MKL's GEMM when ``fastbp._blas.mkl`` is set and every
-    dimension is at least ``MKL_MIN_DIM``, else exactly ``gemm``."""
+    dimension is at least ``MKL_MIN_DIM``, else on the chosen OpenBLAS."""
     raise NotImplementedError("fastbp._cblas.gemm1 is only callable from compiled code")
 
 
@@ -191,7 +193,7 @@ MKL_MIN_DIM = 32
 @overload(gemm1, jit_options=dict(cache=True))
 def _gemm1_impl(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):
     fn1, t1 = _pick(A, _sgemm1, _dgemm1)
-    fn0, _ = _pick(A, _sgemm, _dgemm)
+    fn0, _ = _pick(A, _sgemm0, _dgemm0)
     if fn1 is None:  # pragma: no cover
         return None
 

@@ -124,8 +124,8 @@ def forward(plan_, n_layers, params, x):
             D.bias_relu(y, b, relu)
             h = y
     else:
-        _blas.use_for(M * plan_.max_io)
-        D.mlp_forward(x2, Ws, bs, relus, ys)
+        with _blas.use_for(M * plan_.max_io):
+            D.mlp_forward(x2, Ws, bs, relus, ys)
     caches = [FUSED] * n_layers
     h = x2
     for k, i in enumerate(pos):
@@ -175,9 +175,9 @@ def backward(plan_, n_layers, params, cache, dy, input_grad):
         dx2 = _backward_split(x2, Ws, ys, dy2, relus, plan_.has_bias, bool(input_grad),
                               dWs, dbs, k)
     else:
-        _blas.use_for(x2.shape[0] * plan_.max_io)
-        dx2 = D.mlp_backward(x2, Ws, tuple(ys), dy2, relus, plan_.has_bias,
-                             bool(input_grad), dWs, dbs)
+        with _blas.use_for(x2.shape[0] * plan_.max_io):
+            dx2 = D.mlp_backward(x2, Ws, tuple(ys), dy2, relus, plan_.has_bias,
+                                 bool(input_grad), dWs, dbs)
     grads = [{} for _ in range(n_layers)]
     for k, i in enumerate(pos):
         grads[i] = {"W": dWs[k], "b": dbs[k]} if plan_.has_bias[k] else {"W": dWs[k]}
@@ -211,8 +211,8 @@ def gemm(ta, tb, a, b, out, k):
                 D.gemm_block(ta, tb, a, b, out, blocks[i][0], blocks[i][1], True)
         _pool.run_items(job, len(blocks), k)
     else:
-        _blas.use_for(macs)
-        D.gemm_block(ta, tb, a, b, out, 0, N, False)
+        with _blas.use_for(macs):
+            D.gemm_block(ta, tb, a, b, out, 0, N, False)
 
 
 def _backward_split(x2, Ws, ys, dy2, relus, has_bias, input_grad, dWs, dbs, k):

@@ -354,7 +354,9 @@ def machine_info():
 
     from . import _blas
     blas = f"OpenBLAS ({_blas.name})" if _blas.name else "Numba's np.dot"
-    if _blas.mkl is not None:
+    if _blas.dense_mkl:
+        blas = f"MKL (threaded GEMMs; one-thread GEMMs from 32 rows) + {blas} (thinner ones)"
+    elif _blas.mkl is not None:
         blas += " + MKL (one-thread GEMMs)"
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(),

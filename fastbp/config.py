@@ -14,17 +14,21 @@ Environment variables (all optional):
     a huge number always runs serial.
 ``FASTBP_MALLOC``
     ``default`` leaves glibc's malloc settings alone (see ``fastbp/_malloc.py``).
-``OMP_WAIT_POLICY`` / ``OPENBLAS_THREAD_TIMEOUT`` / ``NUMBA_THREADING_LAYER`` / ``NUMBA_CACHE_DIR`` / ``NUMBA_NUM_THREADS``
-    Respected when set. fastbp only fills in defaults for the ones left unset.
+``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` / ``OPENBLAS_THREAD_TIMEOUT`` / ``NUMBA_THREADING_LAYER`` / ``NUMBA_CACHE_DIR`` / ``NUMBA_NUM_THREADS``
+    Respected when set. fastbp only fills in defaults for the ones left unset: PASSIVE
+    without MKL, ``GOMP_SPINCOUNT=SPIN_COUNT`` with MKL's threaded GEMMs (see below).
 ``FASTBP_ENV_DEFAULTS``
-    ``0`` leaves ``OMP_WAIT_POLICY`` and ``OPENBLAS_THREAD_TIMEOUT`` unset (the libraries'
+    ``0`` leaves the wait policy and ``OPENBLAS_THREAD_TIMEOUT`` unset (the libraries'
     own defaults). ``fastbp bench`` runs its PyTorch and JAX processes this way: under
     fastbp's PASSIVE policy PyTorch's OpenMP threads sleep between regions, and its steps
     measured slower (cnn_cifar 26-27 against 21-25 ms, mlp_mnist 2.2-2.8 against 1.8-2.2).
 ``FASTBP_MKL``
     ``0`` keeps every GEMM on OpenBLAS even when the ``mkl`` extra is installed; ``1``
-    requires MKL (an ImportError without it). Unset: MKL runs the one-thread GEMMs (conv
-    taps, split dense GEMMs) when installed (see ``fastbp/_blas.py``).
+    requires MKL (an ImportError without it). Unset: MKL runs the GEMMs when installed
+    (the threaded ones, and the one-thread ones of at least 32 rows; see ``fastbp/_blas.py``).
+``FASTBP_MKL_DENSE``
+    ``0`` keeps the threaded GEMMs (dense layers, recurrent cells) on OpenBLAS when MKL is
+    installed; by default they run on MKL (see ``fastbp/_blas.py``).
 ``FASTBP_MKL_SPLIT_MACS``
     Multiply-adds from which a Dense/ReLU chain splits a GEMM over the threads on MKL
     (default 2^28; see ``fastbp/_mlp.py``).
@@ -44,9 +48,38 @@ import tempfile
 USER_SET_WAIT_POLICY = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
 ENV_DEFAULTS = os.environ.get("FASTBP_ENV_DEFAULTS", "1").strip() != "0"
 SET_BY_FASTBP = []      # the environment variables fastbp filled in (bench's peers drop them)
+
+
+def _mkl_threads_expected() -> bool:
+    """True when the ``mkl`` extra is installed and not switched off (FASTBP_MKL,
+    FASTBP_MKL_DENSE): fastbp._blas will then run the threaded GEMMs on MKL's GNU OpenMP
+    layer. Read from the files alone, before NumPy or MKL load."""
+    if "0" in (os.environ.get("FASTBP_MKL", "").strip(),
+               os.environ.get("FASTBP_MKL_DENSE", "").strip()):
+        return False
+    import glob
+    import sys
+    return bool(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+
+
+# With MKL's threaded GEMMs, Numba's parallel regions and MKL share libgomp's workers, and
+# waking a sleeping worker costs a GEMM tens of µs on these VMs: under PASSIVE, two MKL
+# threads ran mlp_mnist's GEMMs 1.1-2x slower than OpenBLAS's, and 32×128×128 took 116 µs
+# against 15. So the workers spin briefly instead (GOMP_SPINCOUNT rounds): libgomp's
+# default, 300000, spins for milliseconds and slowed cnn_lenet's Python-thread conv splits
+# by a third. Training steps, 2 threads, median of 3 interleaved processes, ms, PASSIVE
+# with OpenBLAS against 10000 / 30000 rounds with MKL: mlp_mnist 1.36 / 1.28 / 1.17,
+# cnn_lenet 4.62 / 4.10 / 4.48, cnn_cifar 19.8 / 17.2 / 19.2, lstm_seq 7.0 / 6.3 / 5.8,
+# rnn_seq 2.08 / 1.92 / 1.91, mlp_large 41.3 / 41.0 / 41.2, mlp_small 0.174 / 0.170 / 0.177.
+SPIN_COUNT = 10000
+MKL_THREADS = _mkl_threads_expected()
 if not USER_SET_WAIT_POLICY and ENV_DEFAULTS:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    SET_BY_FASTBP.append("OMP_WAIT_POLICY")
+    if MKL_THREADS:
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+        SET_BY_FASTBP.append("GOMP_SPINCOUNT")
+    else:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        SET_BY_FASTBP.append("OMP_WAIT_POLICY")
 # OpenBLAS's own idle workers spin for 2^OPENBLAS_THREAD_TIMEOUT cycles after a threaded
 # GEMM (default 2^28, about 0.1 s) before they sleep. Meanwhile they take the cores that
 # fastbp's Python-thread batch splits (conv, RNN/LSTM) run on. Whole steps, 3 interleaved

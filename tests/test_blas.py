@@ -166,6 +166,25 @@ def test_same_gradients_on_either_library():
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.skipif(not _blas.dense_mkl, reason="needs the mkl wheel (pip install 'fastbp[mkl]')")
+def test_mkl_threaded_gemms_give_the_openblas_numbers():
+    """With MKL the threaded GEMMs (dense chains, recurrent cells, and a chain big enough
+    for two threads) run on it: the same float64 outputs and gradients as on OpenBLAS."""
+    big = GRADS.replace("out = {}\n", 'models["big"] = (fastbp.Sequential(fastbp.Dense(300, 400), '
+                        'fastbp.ReLU(), fastbp.Dense(400, 7)), (64, 300))\nout = {}\n')
+    res = {}
+    for key, env in (("openblas", {"FASTBP_MKL_DENSE": "0"}), ("mkl", {})):
+        p = run_py(big + "print(fastbp._blas.dense_mkl)", **env)
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.strip().splitlines()
+        assert lines[-1] == str(key == "mkl")
+        res[key] = json.loads(lines[-2])["out"]
+    assert "big" in res["mkl"]
+    for name in res["mkl"]:
+        for a, b in zip(res["mkl"][name], res["openblas"][name], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
 # --------------------------------------------------------------------------- optional MKL
 MKL_CONV = """
 import json, numpy as np, fastbp
@@ -224,16 +243,32 @@ with _blas.mkl_one_thread():
 x = np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32)
 W = np.random.default_rng(1).standard_normal((5, 3, 3, 3)).astype(np.float32)
 K.conv2d_forward(x, W, np.zeros(5, np.float32), 1, 1, method="tap")
+after_conv = get()
+# dense layers, a Dense/ReLU chain and an LSTM: big GEMMs (threads set per GEMM size)
+rng = np.random.default_rng(2)
+net = fastbp.Sequential(fastbp.Dense(256, 512), fastbp.ReLU(), fastbp.Dense(512, 10))
+p = fastbp.init(net, dtype=np.float32)
+xd = rng.standard_normal((256, 256)).astype(np.float32)
+y, c = fastbp.forward(net, p, xd)
+fastbp.backward(net, p, c, np.ones_like(y))
+layer = fastbp.Dense(256, 512)
+y2, c2 = layer.forward(layer.init(rng, np.float32), xd, train=False, rng=None)
+lstm = fastbp.LSTM(64, 128)
+xs = rng.standard_normal((20, 64, 64)).astype(np.float32)
+pl = lstm.init(rng, np.float32)
+h, cl = lstm.forward(pl, xs, train=True, rng=None)
+lstm.backward(pl, cl, np.ones_like(h))
 print(json.dumps({"layer": _blas.mkl.layer, "before": before, "inside": inside,
-                  "after": get()}))
+                  "after": after_conv, "after_dense": get()}))
 """
 
 
 @pytest.mark.skipif(not _has_mkl_wheel() or _blas.numpy_lib is None,
                     reason="needs the mkl wheel (pip install 'fastbp[mkl]')")
 def test_mkl_one_thread_is_local_and_restored():
-    """fastbp's MKL GEMMs run on one thread, and the calling thread's MKL thread count
-    (which a PyTorch in the same process may share) is given back afterwards."""
+    """fastbp's one-thread MKL GEMMs run on one thread, and after any fastbp call (conv
+    taps, dense layers and chains, LSTM) the calling thread's MKL thread count (which a
+    PyTorch in the same process may share) is what it was before."""
     p = run_py(MKL_THREADS)
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -242,6 +277,7 @@ def test_mkl_one_thread_is_local_and_restored():
     if r["layer"] == "gnu":
         assert r["before"] == 2
     assert r["after"] == r["before"]
+    assert r["after_dense"] == r["before"]      # MKL's threaded GEMMs restore it too
 
 
 @pytest.mark.skipif(not _has_mkl_wheel() or _blas.numpy_lib is None or not _cblas.available,

@@ -25,6 +25,7 @@ def run_py(code, **env):
 
 PROBE = ("import os, json, fastbp; from fastbp import config; print(json.dumps({"
          "'thresholds': config.thresholds, 'policy': os.environ.get('OMP_WAIT_POLICY'), "
+         "'spin': os.environ.get('GOMP_SPINCOUNT'), 'mkl_threads': fastbp._blas.dense_mkl, "
          "'user_set': config.USER_SET_WAIT_POLICY, 'layer': __import__('numba').config.THREADING_LAYER, "
          "'cache': config.CACHE_DIR, 'source': config.CACHE_SOURCE}))")
 
@@ -114,9 +115,21 @@ def test_set_num_threads_errors(n):
 
 
 # ------------------------------------------------------------ wait policy, threading
-def test_wait_policy_defaults_to_passive():
+def test_wait_policy_passive_without_mkl_threads():
+    """OpenBLAS alone: idle OpenMP workers sleep at once (they would spin against it)."""
+    got = probe(FASTBP_MKL="0")
+    assert got["policy"] == "PASSIVE" and got["spin"] is None and got["user_set"] is False
+    assert got["mkl_threads"] is False
+    got = probe(FASTBP_MKL_DENSE="0")
+    assert got["policy"] == "PASSIVE" and got["mkl_threads"] is False
+
+
+@pytest.mark.skipif(not fastbp._blas.dense_mkl, reason="the mkl extra is not installed")
+def test_wait_policy_short_spin_with_mkl_threads():
+    """MKL's threaded GEMMs share libgomp with Numba: its workers spin SPIN_COUNT rounds."""
     got = probe()
-    assert got["policy"] == "PASSIVE" and got["user_set"] is False
+    assert got["mkl_threads"] is True and got["user_set"] is False
+    assert got["policy"] is None and got["spin"] == str(config.SPIN_COUNT)
 
 
 @pytest.mark.parametrize("env", [{"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "1000"}])
@@ -164,12 +177,17 @@ def test_info_prints_everything():
     assert p.returncode == 0, p.stderr
     out = p.stdout
     for key in ("numba", "numpy", "scipy", "threading layer", "threads", "BLAS", "cache dir",
-                "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "parallel thresholds"):
+                "OpenMP idle workers", "OPENBLAS_THREAD_TIMEOUT", "parallel thresholds"):
         assert key in out, key
     for fam in config.DEFAULT_THRESHOLDS:
         assert f"  {fam} " in out
     assert "3  (env)" in out
-    assert "PASSIVE (set by fastbp)" in out
+    if fastbp._blas.dense_mkl:
+        assert f"GOMP_SPINCOUNT={config.SPIN_COUNT} (set by fastbp)" in out
+    else:
+        assert "PASSIVE (set by fastbp)" in out
+    p = run_py("import sys, fastbp.__main__ as m; sys.exit(m.main(['info']))", FASTBP_MKL="0")
+    assert p.returncode == 0 and "PASSIVE (set by fastbp)" in p.stdout, p.stderr
 
 
 def test_env_defaults_off_leaves_the_libraries_alone():
@@ -180,6 +198,6 @@ def test_env_defaults_off_leaves_the_libraries_alone():
     p = run_py(code, FASTBP_ENV_DEFAULTS="0")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1]) == [None, None, []]
-    p = run_py(code)
+    p = run_py(code, FASTBP_MKL="0")
     assert json.loads(p.stdout.strip().splitlines()[-1]) == \
         ["PASSIVE", "20", ["OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT"]]

@@ -2,11 +2,14 @@
 
 When a parallel Numba region ends, libgomp's idle workers spin (busy-wait) for a while
 before sleeping; OpenBLAS's GEMM, which runs next on its own threads, then shares the
-2 cores with spinning threads. fastbp sets ``OMP_WAIT_POLICY=PASSIVE`` at import (unless
-the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``), so idle workers sleep at once.
+2 cores with spinning threads. Without MKL fastbp sets ``OMP_WAIT_POLICY=PASSIVE`` at
+import (unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``), so idle workers
+sleep at once; with MKL's threaded GEMMs (the ``mkl`` extra) it sets
+``GOMP_SPINCOUNT=10000`` instead (MKL and Numba then share libgomp's workers).
 
 Each run is a fresh process (the policy is read when libgomp starts):
-- ``PASSIVE``: fastbp's default (after).
+- ``PASSIVE``: fastbp's default without MKL (after).
+- ``spin-10000``: fastbp's default with MKL.
 - ``ACTIVE``: idle workers spin forever (before, worst case).
 - ``libgomp-default``: what you get without fastbp's setting (spin ~300k iterations, then
   sleep); simulated by setting ``GOMP_SPINCOUNT=300000`` so fastbp leaves the policy alone.
@@ -20,6 +23,7 @@ import statistics
 from . import run_python, smoke
 
 POLICIES = {"PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+            "spin-10000": {"GOMP_SPINCOUNT": "10000"},
             "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
             "libgomp-default": {"GOMP_SPINCOUNT": "300000"}}
 

@@ -580,8 +580,8 @@ BLAS_THREADED = False
 
 
 def _gemm(a, b, out):
-    _blas.use_for(a.shape[0] * a.shape[1] * b.shape[1] if BLAS_THREADED else 0)
-    gemm(a, b, out)
+    with _blas.use_for(a.shape[0] * a.shape[1] * b.shape[1] if BLAS_THREADED else 0):
+        gemm(a, b, out)
 
 
 # ---------------------------------------------------------------------------- per-tap GEMMs
@@ -885,10 +885,9 @@ def _tap_forward(x, W, b, ph, pw, relu, y):
     transposed = KW * C >= TAP_T_MIN_K
 
     def run(n0, n1):
-        _blas.use_for(0)
         xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
         tbuf = _workspace("tap_t", F * g * S, x.dtype)
-        with _blas.mkl_one_thread():
+        with _blas.use_for(0), _blas.mkl_one_thread():
             _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf, y)
     if threads == 1:
         run(0, N)
@@ -913,11 +912,10 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
     threads = _tap_threads(N, N * F * OH * OW * C * KH * KW * (2 if input_grad else 1))
 
     def run(n0, n1):
-        _blas.use_for(0)
         xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
         zbuf = _workspace("tap_t", F * g * S, x.dtype)
         dbuf = _workspace("tap_d", KW * C * g * S if input_grad else 0, x.dtype)
-        with _blas.mkl_one_thread():
+        with _blas.use_for(0), _blas.mkl_one_thread():
             _tap_backward_rows(x, Wk, dy, yy, relu, ph, pw, n0, n1, g, input_grad,
                                xbuf, zbuf, dbuf, dWt, dbg, dxo)
     if threads == 1:

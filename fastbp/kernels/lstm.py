@@ -271,17 +271,17 @@ def lstm_forward(x, h0, c0, Wx, Wh, b):
     x, h0, c0, Wx, Wh, b = _c(x, h0, c0, Wx, Wh, b)
     T, N, D = x.shape
     H = h0.shape[1]
-    _use_blas(T, N, D, 0, 4 * H)
     chunks = _pool.row_chunks(N, T * N * H * 4 * H)
     if chunks is None:
-        return _lstm_forward(x, h0, c0, Wx, Wh, b, work=_work(N, H))
+        with _use_blas(T, N, D, 0, 4 * H):
+            return _lstm_forward(x, h0, c0, Wx, Wh, b, work=_work(N, H))
     gates = np.empty((T, N, 4 * H), dtype=x.dtype)
     cs = np.empty((T, N, H), dtype=x.dtype)
     hs = np.empty((T, N, H), dtype=x.dtype)
 
     def rows(n0, n1):
-        _blas.use_for(0)             # one BLAS thread each: the chunks run side by side
-        _lstm_forward_rows(x, h0, c0, Wx, Wh, b, gates, cs, hs, n0, n1)
+        with _blas.use_for(0):       # one BLAS thread each: the chunks run side by side
+            _lstm_forward_rows(x, h0, c0, Wx, Wh, b, gates, cs, hs, n0, n1)
     _pool.run(rows, chunks)
     return gates, cs, hs
 
@@ -301,16 +301,16 @@ def lstm_backward(x, h0, c0, gates, cs, hs, Wx, Wh, dhs, dhT, dcT, input_grad=Tr
     H = h0.shape[1]
     chunks = _pool.row_chunks(N, T * N * H * 4 * H)
     if chunks is None:
-        _use_blas(T, N, D, H, 4 * H)
-        return _lstm_backward(*args, bool(input_grad), work=_work(N, H))
+        with _use_blas(T, N, D, H, 4 * H):
+            return _lstm_backward(*args, bool(input_grad), work=_work(N, H))
     WhT = np.ascontiguousarray(Wh.T)
     dh0 = np.empty((N, H), dtype=x.dtype)
     dc0 = np.empty((N, H), dtype=x.dtype)
     dx = np.empty((T, N, D) if input_grad else (0, 0, 0), dtype=x.dtype)
 
     def rows(n0, n1):
-        _blas.use_for(0)             # one BLAS thread each: the chunks run side by side
-        return _lstm_backward_rows(x, h0, c0, gates, cs, hs, Wx, WhT, dhs, dhT, dcT,
-                                   bool(input_grad), dx, dh0, dc0, n0, n1)
+        with _blas.use_for(0):       # one BLAS thread each: the chunks run side by side
+            return _lstm_backward_rows(x, h0, c0, gates, cs, hs, Wx, WhT, dhs, dhT, dcT,
+                                       bool(input_grad), dx, dh0, dc0, n0, n1)
     dx, dWx, dWh, db = _sum_chunks(_pool.run(rows, chunks), x, input_grad, dx)
     return dx, dh0, dc0, dWx, dWh, db

@@ -344,8 +344,9 @@ def _use_blas(T, N, D, H, G):
     """BLAS threads for the sequence's big GEMMs (x Wx, and dWx, dWh, dx in backward).
     The per-step products are split into blocks OpenBLAS runs on one thread anyway (see
     ``_col_blocks``). Without this the count is whatever the previous layer set: one
-    thread after a small Dense, which ran lstm_seq's dWh at half speed."""
-    _blas.use_for(T * N * max(D, H) * G)
+    thread after a small Dense, which ran lstm_seq's dWh at half speed. Use it as a
+    ``with`` block (``fastbp._blas.use_for``)."""
+    return _blas.use_for(T * N * max(D, H) * G)
 
 
 def _work(N, H):
@@ -365,15 +366,15 @@ def rnn_forward(x, h0, Wx, Wh, b, relu=False):
     x, h0, Wx, Wh, b = _c(x, h0, Wx, Wh, b)
     T, N, D = x.shape
     H = h0.shape[1]
-    _use_blas(T, N, D, 0, Wx.shape[1])
     chunks = _pool.row_chunks(N, T * N * H * H)
     if chunks is None:
-        return _rnn_forward(x, h0, Wx, Wh, b, bool(relu), work=_work(N, H))
+        with _use_blas(T, N, D, 0, Wx.shape[1]):
+            return _rnn_forward(x, h0, Wx, Wh, b, bool(relu), work=_work(N, H))
     hs = np.empty((T, N, H), dtype=x.dtype)
 
     def rows(n0, n1):
-        _blas.use_for(0)             # one BLAS thread each: the chunks run side by side
-        _rnn_forward_rows(x, h0, Wx, Wh, b, bool(relu), hs, n0, n1)
+        with _blas.use_for(0):       # one BLAS thread each: the chunks run side by side
+            _rnn_forward_rows(x, h0, Wx, Wh, b, bool(relu), hs, n0, n1)
     _pool.run(rows, chunks)
     return hs
 
@@ -392,16 +393,16 @@ def rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, relu=False, input_grad=True):
     H = h0.shape[1]
     chunks = _pool.row_chunks(N, T * N * H * H)
     if chunks is None:
-        _use_blas(T, N, D, H, Wx.shape[1])
-        return _rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, bool(relu), bool(input_grad),
-                             work=_work(N, H))
+        with _use_blas(T, N, D, H, Wx.shape[1]):
+            return _rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, bool(relu), bool(input_grad),
+                                 work=_work(N, H))
     WhT = np.ascontiguousarray(Wh.T)
     dh0 = np.empty((N, H), dtype=x.dtype)
     dx = np.empty((T, N, D) if input_grad else (0, 0, 0), dtype=x.dtype)
 
     def rows(n0, n1):
-        _blas.use_for(0)             # one BLAS thread each: the chunks run side by side
-        return _rnn_backward_rows(x, h0, hs, Wx, WhT, dhs, dhT, bool(relu), bool(input_grad),
-                                  dx, dh0, n0, n1)
+        with _blas.use_for(0):       # one BLAS thread each: the chunks run side by side
+            return _rnn_backward_rows(x, h0, hs, Wx, WhT, dhs, dhT, bool(relu),
+                                      bool(input_grad), dx, dh0, n0, n1)
     dx, dWx, dWh, db = _sum_chunks(_pool.run(rows, chunks), x, input_grad, dx)
     return dx, dh0, dWx, dWh, db

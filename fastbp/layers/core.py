@@ -112,8 +112,8 @@ class Dense(Layer):
         W, b = self._params(params)
         x = self._check_x(x, W.dtype)
         x2 = np.ascontiguousarray(x).reshape(-1, self.in_features)
-        _blas.use_for(x2.shape[0] * W.size)
-        y2 = D.dense_forward(x2, W, b, relu)
+        with _blas.use_for(x2.shape[0] * W.size):
+            y2 = D.dense_forward(x2, W, b, relu)
         y = y2.reshape(x.shape[:-1] + (self.out_features,))
         return y, (x2, y2, relu, x.shape)
 
@@ -122,8 +122,8 @@ class Dense(Layer):
         x2, y2, relu, xshape = cache
         dy = self._check_dy(dy, xshape[:-1] + (self.out_features,), W.dtype)
         dy2 = np.ascontiguousarray(dy).reshape(-1, self.out_features)
-        _blas.use_for(x2.shape[0] * W.size)
-        dx2, dW, db = D.dense_backward(x2, W, dy2, y2, relu, self.bias, input_grad)
+        with _blas.use_for(x2.shape[0] * W.size):
+            dx2, dW, db = D.dense_backward(x2, W, dy2, y2, relu, self.bias, input_grad)
         grads = {"W": dW, "b": db} if self.bias else {"W": dW}
         dx = dx2.reshape(xshape) if input_grad else None
         return dx, grads

@@ -61,6 +61,8 @@ import glob
 import os
 import threading
 
+from . import config
+
 # Multiply-adds (m·k·n) from which a GEMM gets all BLAS threads. Measured on the 2-vCPU
 # reference machine: 1 thread wins up to ~0.5M, 2 threads from ~8M (see asv threads bench).
 threshold = 1 << 21
@@ -191,6 +193,7 @@ mkl = _find_mkl()
 # ``use_for`` like OpenBLAS's; FASTBP_MKL_DENSE=0 keeps them on OpenBLAS.
 dense_mkl = (mkl is not None and mkl.layer == "gnu"
              and os.environ.get("FASTBP_MKL_DENSE", "").strip() != "0")
+config.settle_wait_policy(dense_mkl)
 
 
 class _MKLOneThread:

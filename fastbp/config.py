@@ -80,6 +80,24 @@ if not USER_SET_WAIT_POLICY and ENV_DEFAULTS:
     else:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         SET_BY_FASTBP.append("OMP_WAIT_POLICY")
+
+
+def settle_wait_policy(mkl_threads: bool) -> None:
+    """Called by fastbp._blas once it knows whether MKL runs the threaded GEMMs: when the
+    files promised MKL (``MKL_THREADS``) but it is not used (NumPy not on its bundled
+    OpenBLAS, or MKL without libgomp), fastbp's short spin becomes PASSIVE, as without
+    MKL. Only what fastbp itself set is changed, and libgomp reads it when it loads
+    (fastbp loads it later, at the first parallel region)."""
+    global MKL_THREADS
+    if mkl_threads or not MKL_THREADS or "GOMP_SPINCOUNT" not in SET_BY_FASTBP:
+        return
+    MKL_THREADS = False
+    os.environ.pop("GOMP_SPINCOUNT", None)
+    SET_BY_FASTBP.remove("GOMP_SPINCOUNT")
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    SET_BY_FASTBP.insert(0, "OMP_WAIT_POLICY")
+
+
 # OpenBLAS's own idle workers spin for 2^OPENBLAS_THREAD_TIMEOUT cycles after a threaded
 # GEMM (default 2^28, about 0.1 s) before they sleep. Meanwhile they take the cores that
 # fastbp's Python-thread batch splits (conv, RNN/LSTM) run on. Whole steps, 3 interleaved

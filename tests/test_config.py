@@ -132,6 +132,27 @@ def test_wait_policy_short_spin_with_mkl_threads():
     assert got["policy"] is None and got["spin"] == str(config.SPIN_COUNT)
 
 
+def test_settle_wait_policy_falls_back_to_passive(monkeypatch):
+    """When MKL was expected from the files but does not run the threaded GEMMs, the short
+    spin fastbp set becomes PASSIVE; a user's own setting, or MKL in use, is left alone."""
+    monkeypatch.setattr(config, "MKL_THREADS", True)
+    monkeypatch.setattr(config, "SET_BY_FASTBP", ["GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT"])
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    config.settle_wait_policy(True)                      # MKL in use: unchanged
+    assert os.environ["GOMP_SPINCOUNT"] == "10000" and "OMP_WAIT_POLICY" not in os.environ
+    config.settle_wait_policy(False)
+    assert "GOMP_SPINCOUNT" not in os.environ and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert config.SET_BY_FASTBP == ["OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT"]
+    assert config.MKL_THREADS is False
+    monkeypatch.setattr(config, "MKL_THREADS", True)     # the user's own spin count
+    monkeypatch.setattr(config, "SET_BY_FASTBP", [])
+    monkeypatch.setenv("GOMP_SPINCOUNT", "77")
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    config.settle_wait_policy(False)
+    assert os.environ["GOMP_SPINCOUNT"] == "77" and "OMP_WAIT_POLICY" not in os.environ
+
+
 @pytest.mark.parametrize("env", [{"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "1000"}])
 def test_wait_policy_respects_user(env):
     got = probe(**env)

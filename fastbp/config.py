@@ -65,7 +65,7 @@ def _mkl_threads_expected() -> bool:
 # With MKL's threaded GEMMs, Numba's parallel regions and MKL share libgomp's workers, and
 # waking a sleeping worker costs a GEMM tens of µs on these VMs: under PASSIVE, two MKL
 # threads ran mlp_mnist's GEMMs 1.1-2x slower than OpenBLAS's, and 32×128×128 took 116 µs
-# against 15. So the workers spin briefly instead (GOMP_SPINCOUNT rounds): libgomp's
+# against 15 with spinning workers. So the workers spin briefly instead (GOMP_SPINCOUNT rounds): libgomp's
 # default, 300000, spins for milliseconds and slowed cnn_lenet's Python-thread conv splits
 # by a third. Training steps, 2 threads, median of 3 interleaved processes, ms, PASSIVE
 # with OpenBLAS against 10000 / 30000 rounds with MKL: mlp_mnist 1.36 / 1.28 / 1.17,

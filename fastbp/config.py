@@ -65,9 +65,9 @@ def _mkl_threads_expected() -> bool:
 # With MKL's threaded GEMMs, Numba's parallel regions and MKL share libgomp's workers, and
 # waking a sleeping worker costs a GEMM tens of µs on these VMs: under PASSIVE, two MKL
 # threads ran mlp_mnist's GEMMs 1.1-2x slower than OpenBLAS's, and 32×128×128 took 116 µs
-# against 15 with spinning workers. So the workers spin briefly instead (GOMP_SPINCOUNT rounds): libgomp's
-# default, 300000, spins for milliseconds and slowed cnn_lenet's Python-thread conv splits
-# by a third. Training steps, 2 threads, median of 3 interleaved processes, ms, PASSIVE
+# against 15 with spinning workers. So the workers spin briefly instead (GOMP_SPINCOUNT
+# rounds): libgomp's default, 300000, spins for milliseconds and slowed cnn_lenet's
+# Python-thread conv splits by a third. Training steps, 2 threads, median of 3 interleaved processes, ms, PASSIVE
 # with OpenBLAS against 10000 / 30000 rounds with MKL: mlp_mnist 1.36 / 1.28 / 1.17,
 # cnn_lenet 4.62 / 4.10 / 4.48, cnn_cifar 19.8 / 17.2 / 19.2, lstm_seq 7.0 / 6.3 / 5.8,
 # rnn_seq 2.08 / 1.92 / 1.91, mlp_large 41.3 / 41.0 / 41.2, mlp_small 0.174 / 0.170 / 0.177.

@@ -56,6 +56,7 @@ Python thread, and only when it changes.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -196,15 +197,17 @@ dense_mkl = (mkl is not None and mkl.layer == "gnu"
 config.settle_wait_policy(dense_mkl)
 
 
-class _MKLOneThread:
-    """``with mkl_one_thread():`` MKL's GEMMs called from this thread run on it alone
-    (MKL's thread-local count 1); on exit the thread's previous count is restored, so a
-    PyTorch sharing the library runs its own GEMMs on its threads again. No-op without
-    MKL."""
-    __slots__ = ("prev",)
+class _MKLThreads:
+    """``with _MKLThreads(n):`` MKL's GEMMs called from this thread use n threads (MKL's
+    thread-local count); on exit the thread's previous count is restored, so a PyTorch
+    sharing the library runs its own GEMMs on its threads again. No-op without MKL."""
+    __slots__ = ("n", "prev")
+
+    def __init__(self, n):
+        self.n = n
 
     def __enter__(self):
-        self.prev = mkl.set_local(1) if mkl is not None else 0
+        self.prev = mkl.set_local(self.n) if mkl is not None else 0
         return self
 
     def __exit__(self, *exc):
@@ -214,10 +217,9 @@ class _MKLOneThread:
 
 
 def mkl_one_thread():
-    return _MKLOneThread()
-
-
-mkl_one_thread.__doc__ = _MKLOneThread.__doc__
+    """``with mkl_one_thread():`` MKL's GEMMs called from this thread run on it alone, and
+    the thread's previous MKL thread count is restored afterwards (no-op without MKL)."""
+    return _MKLThreads(1)
 
 
 def thread_timeout():
@@ -233,32 +235,7 @@ def set_max_threads(n: int) -> None:
     _state.current = None
 
 
-class _RestoreMKL:
-    """Gives the calling thread its previous MKL thread count back on ``__exit__``."""
-    __slots__ = ("prev",)
-
-    def __init__(self, prev):
-        self.prev = prev
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        mkl.set_local(self.prev)
-        return False
-
-
-class _Nothing:
-    __slots__ = ()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NOTHING = _Nothing()
+_NO_MKL = contextlib.nullcontext()
 
 
 def use_for(macs: int):
@@ -266,16 +243,14 @@ def use_for(macs: int):
 
     Use it as ``with use_for(macs): kernel(...)``. OpenBLAS's count (fastbp's own library)
     is set at once and stays; with MKL's threaded GEMMs (``dense_mkl``) MKL's thread-local
-    count is set too and restored when the ``with`` block ends, because a PyTorch in the
+    count is set for the ``with`` block and restored after it, because a PyTorch in the
     same process shares that MKL."""
     n = 1 if macs < threshold else max_threads
     if getattr(_state, "current", None) != n:
         for setter in _setters:
             setter(n)
         _state.current = n
-    if dense_mkl:
-        return _RestoreMKL(mkl.set_local(n))
-    return _NOTHING
+    return _MKLThreads(n) if dense_mkl else _NO_MKL
 
 
 def gemm_macs(m: int, k: int, n: int) -> int:

@@ -173,7 +173,7 @@ def _find_mkl():
     if flag == "0":
         return None
     import sys
-    paths = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    paths = config.mkl_rt_paths()
     # NumPy linked to MKL (conda) shares libmkl_rt: leave its threading alone
     if paths and numpy_lib is not None:
         for path in paths:

@@ -50,6 +50,13 @@ ENV_DEFAULTS = os.environ.get("FASTBP_ENV_DEFAULTS", "1").strip() != "0"
 SET_BY_FASTBP = []      # the environment variables fastbp filled in (bench's peers drop them)
 
 
+def mkl_rt_paths() -> list:
+    """The ``mkl`` extra's ``libmkl_rt`` files in this environment (sys.prefix/lib)."""
+    import glob
+    import sys
+    return sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+
+
 def _mkl_threads_expected() -> bool:
     """True when the ``mkl`` extra is installed and not switched off (FASTBP_MKL,
     FASTBP_MKL_DENSE): fastbp._blas will then run the threaded GEMMs on MKL's GNU OpenMP
@@ -57,9 +64,7 @@ def _mkl_threads_expected() -> bool:
     if "0" in (os.environ.get("FASTBP_MKL", "").strip(),
                os.environ.get("FASTBP_MKL_DENSE", "").strip()):
         return False
-    import glob
-    import sys
-    return bool(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    return bool(mkl_rt_paths())
 
 
 # With MKL's threaded GEMMs, Numba's parallel regions and MKL share libgomp's workers, and

@@ -83,8 +83,8 @@ def _check_labels(name, z, y):
                     f"pass probability targets of shape {z.shape})")
         raise TypeError(f"{name}: expected integer class labels of shape {z.shape[:-1]}, "
                         f"got dtype {y.dtype}{hint}")
-    lo, hi = _minmax(y)
-    if lo < 0 or hi >= K:
+    # one reduction: viewed as unsigned, negative labels become huge
+    if y.size and np.maximum.reduce(y.view(f"u{y.dtype.itemsize}"), axis=None) >= K:
         bad = y[(y < 0) | (y >= K)].flat[0]
         raise ValueError(f"{name}: label {bad} out of range [0, {K})")
     return np.ascontiguousarray(y, dtype=np.int64).reshape(-1)

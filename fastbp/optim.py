@@ -267,6 +267,117 @@ def _walk(p, os, nout, by_dt):
     return None
 
 
+def _walk_layers_sgd(p, g):
+    """``_walk_layers(p, [g], 1)`` for plain SGD (no buffers, one output), with the loops
+    over buffers and outputs unrolled: 8 µs against 12 on mlp_small."""
+    tp = type(p)
+    n = len(p) if tp is list or tp is tuple else -1
+    if n <= 0 or type(g) is not tp or len(g) != n:
+        return None
+    ndarray, empty = np.ndarray, np.empty
+    pcol, gcol, ocol, tree = [], [], [], []
+    dt = None
+    for i in range(n):
+        pd, gd = p[i], g[i]
+        if type(pd) is not dict or type(gd) is not dict or len(gd) != len(pd):
+            return None
+        new = {}
+        tree.append(new)
+        for k, a in pd.items():
+            b = gd.get(k)
+            if type(a) is not ndarray or type(b) is not ndarray:
+                return None
+            if a.dtype is not dt:
+                if dt is not None:
+                    return None
+                dt = a.dtype
+                if dt is not _F32 and dt is not _F64:
+                    return None
+            shape = a.shape
+            if b.dtype is not dt or b.shape != shape:
+                return None
+            f = a.flags
+            if not (f.c_contiguous and f.writeable):
+                return None
+            f = b.flags
+            if not (f.c_contiguous and f.writeable):
+                return None
+            pcol.append(a.ravel())
+            gcol.append(b.ravel())
+            new[k] = out = empty(shape, dt)
+            ocol.append(out.ravel())
+    if dt is None:
+        return None
+    return {dt: [pcol, gcol, ocol]}, [tree if tp is list else tuple(tree)]
+
+
+def _walk_layers(p, os, nout):
+    """``_walk`` for the tree a ``Sequential`` has: a list or tuple of dicts of arrays, all
+    of one dtype, C-contiguous and writeable. Returns ``(by_dt, new_trees)`` like ``_walk``,
+    or None for anything else (``_walk`` then takes it and names the problem). Flat loops,
+    no recursion: on mlp_small's six arrays this took 8 µs against 14-24 for ``_walk``."""
+    tp = type(p)
+    n = len(p) if tp is list or tp is tuple else -1
+    if n <= 0:
+        return None
+    for o in os:
+        if type(o) is not tp or len(o) != n:
+            return None
+    nos = len(os)
+    ndarray, empty = np.ndarray, np.empty
+    cols = [[] for _ in range(1 + nos + nout)]
+    pcol = cols[0]
+    trees = [[] for _ in range(nout)]
+    dt = None
+    for i in range(n):
+        pd = p[i]
+        if type(pd) is not dict:
+            return None
+        ods = []
+        for o in os:
+            od = o[i]
+            if type(od) is not dict or len(od) != len(pd):
+                return None
+            ods.append(od)
+        news = []
+        for j in range(nout):
+            news.append({})
+            trees[j].append(news[j])
+        for k, a in pd.items():
+            if type(a) is not ndarray:
+                return None
+            if a.dtype is not dt:
+                if dt is not None:
+                    return None
+                dt = a.dtype
+                if dt is not _F32 and dt is not _F64:
+                    return None
+            f = a.flags
+            if not (f.c_contiguous and f.writeable):
+                return None
+            shape = a.shape
+            pcol.append(a.ravel())
+            c = 1
+            for od in ods:
+                b = od.get(k)
+                if type(b) is not ndarray or b.dtype is not dt or b.shape != shape:
+                    return None
+                f = b.flags
+                if not (f.c_contiguous and f.writeable):
+                    return None
+                cols[c].append(b.ravel())
+                c += 1
+            for new in news:
+                new[k] = out = empty(shape, dt)
+                cols[c].append(out.ravel())
+                c += 1
+    if dt is None:
+        return None
+    if tp is tuple:
+        trees = [tuple(t) for t in trees]
+    return {dt: cols}, trees
+
+
 def _groups(by_dt):
     """Split the columns of ``_walk`` into calls of ``_GROUP`` arrays of one dtype, padded
     with empty arrays.
@@ -314,8 +425,13 @@ def _make(name, lr, buffers, kernel_step, fill=None):
     def update(params, grads, state):
         t = _state_step(name, state, buffers)
         others = [grads] + [state[b] for b in buffers]
-        by_dt = {}
-        new = _walk(params, others, 1 + nbuf, by_dt)
+        fast = _walk_layers_sgd(params, grads) if nbuf == 0 else \
+            _walk_layers(params, others, 1 + nbuf)
+        if fast is not None:
+            by_dt, new = fast
+        else:
+            by_dt = {}
+            new = _walk(params, others, 1 + nbuf, by_dt)
         if new is None:   # report the problem with its path
             _row(name, params, others, ["grads"] + [f"state[{b!r}]" for b in buffers], (), [])
             raise TypeError(f"{name}: params, grads and state do not match")  # pragma: no cover

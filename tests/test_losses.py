@@ -188,6 +188,24 @@ def test_any_integer_label_dtype(dt):
         np.testing.assert_array_equal(g1, g2)
 
 
+@pytest.mark.parametrize("dt", [np.int8, np.int16, np.uint16, np.int32, np.uint64, np.int64])
+def test_out_of_range_labels_of_any_integer_dtype(dt):
+    """The range check (one reduction over the labels viewed as unsigned) catches labels
+    just above K and, for signed dtypes, the most negative ones, on strided labels too."""
+    z = np.zeros((4, 5))
+    info = np.iinfo(dt)
+    cases = [5, info.max]
+    if info.min < 0:
+        cases += [-1, info.min]
+    for bad in cases:
+        y = np.array([[0, 9], [bad, 9], [4, 9], [1, 9]], dtype=dt)[:, 0]   # not contiguous
+        for fn in (L.softmax_cross_entropy, L.hinge):
+            with pytest.raises(ValueError, match=re.escape(f"label {bad} out of range [0, 5)")):
+                fn(z, y)
+    ok = np.array([0, 4, 2, 3], dtype=dt)
+    assert np.isfinite(L.softmax_cross_entropy(z, ok)[0])
+
+
 # ---------------------------------------------------------------- PyTorch oracle
 def _torch_loss_and_grad(fn, x, *rest):
     torch = pytest.importorskip("torch")

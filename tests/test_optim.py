@@ -225,6 +225,87 @@ def test_many_arrays_of_mixed_dtypes(name, tname, kw):
         assert not np.array_equal(leaves[i], p)
 
 
+def layer_tree(dtype, seed=0, container=list):
+    """The tree a Sequential has (a list of dicts, some empty): the update's fast walk."""
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    return container([{"W": f(4, 3), "b": f(3)}, {}, {"b": f(5), "W": f(3, 5)}, {"W": f(2, 2, 2)}])
+
+
+@pytest.mark.parametrize("container", [list, tuple])
+@pytest.mark.parametrize("name,tname,kw", CASES, ids=IDS)
+def test_layer_trees_take_the_fast_walk(monkeypatch, name, tname, kw, container):
+    """A list (or tuple) of dicts is walked by ``_walk_layers``/``_walk_layers_sgd``, never
+    by ``_walk``, and gives bitwise the results of the general walk on the same leaves."""
+    params = layer_tree(np.float32, 0, container)
+    grads = [layer_tree(np.float32, s, container) for s in (1, 2, 3)]
+    # the general walk: the same leaves inside a dict, which the fast walk does not take
+    ref, ref_state = run(getattr(O, name)(**kw), {"net": params}, [{"net": g} for g in grads])
+
+    def no_walk(*a):
+        raise AssertionError("the general _walk ran on a layer tree")
+    monkeypatch.setattr(O, "_walk", no_walk)
+    new, state = run(getattr(O, name)(**kw), params, grads)
+    assert type(new) is container and list(new[2]) == ["b", "W"] and new[1] == {}
+    assert _tree.same_structure(new, params)
+    for a, b in zip(_tree.leaves(new), _tree.leaves(ref["net"])):
+        assert a.dtype == np.float32 and np.array_equal(a, b)
+    for k in state:
+        if k != "step":
+            assert type(state[k]) is container
+            for a, b in zip(_tree.leaves(state[k]), _tree.leaves(ref_state[k]["net"])):
+                assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("opt,name", [(O.sgd(0.1), "sgd"), (O.adam(), "adam")])
+def test_layer_tree_irregularities_fall_back(opt, name):
+    """What the fast walk does not take goes to the general walk: the same results, or
+    the general walk's error message."""
+    params = layer_tree(np.float64)
+    state = opt.init(params)
+    grads = layer_tree(np.float64, 1)
+    expect, _ = opt.update(params, grads, state)
+    # float64 arrays that are non-contiguous or read-only are still updated correctly
+    odd_p, odd_g = layer_tree(np.float64), layer_tree(np.float64, 1)
+    odd_p[0]["W"] = np.asfortranarray(odd_p[0]["W"])
+    odd_g[2]["W"] = np.asfortranarray(odd_g[2]["W"])
+    odd_p[3]["W"].flags.writeable = False
+    got, _ = opt.update(odd_p, odd_g, state)
+    for a, b in zip(_tree.leaves(got), _tree.leaves(expect)):
+        assert np.array_equal(a, b)
+    # layers of two dtypes: each array in its own
+    mixed_p, mixed_g = layer_tree(np.float64), layer_tree(np.float64, 1)
+    mixed_p[3]["W"], mixed_g[3]["W"] = (a.astype(np.float32) for a in (mixed_p[3]["W"], mixed_g[3]["W"]))
+    got, _ = opt.update(mixed_p, mixed_g, opt.init(mixed_p))
+    assert got[3]["W"].dtype == np.float32 and got[0]["W"].dtype == np.float64
+    np.testing.assert_allclose(got[3]["W"], expect[3]["W"], rtol=1e-6)
+    assert np.array_equal(got[0]["W"], expect[0]["W"])
+    # the same number of keys, but not the same keys
+    g = layer_tree(np.float64, 1)
+    g[0] = {"W": g[0]["W"], "c": g[0]["b"]}
+    with pytest.raises(ValueError, match=rf"{name}: grads\[0\] must be a dict with keys \['W', 'b'\]"):
+        opt.update(params, g, state)
+    g = layer_tree(np.float64, 1)
+    g[2]["W"] = g[2]["W"].T.copy()
+    with pytest.raises(ValueError, match=rf"{name}: grads\[2\]\['W'\] has shape \(5, 3\), expected \(3, 5\)"):
+        opt.update(params, g, state)
+    g = layer_tree(np.float64, 1)
+    g[0]["b"] = g[0]["b"].astype(np.float32)
+    with pytest.raises(TypeError, match=rf"{name}: grads\[0\]\['b'\] has dtype float32, expected float64"):
+        opt.update(params, g, state)
+    g = layer_tree(np.float64, 1)
+    g[1] = {"W": np.zeros(2)}
+    with pytest.raises(ValueError, match=rf"{name}: grads\[1\] must be a dict with keys \[\]"):
+        opt.update(params, g, state)
+    g = layer_tree(np.float64, 1, tuple)
+    with pytest.raises(ValueError, match=rf"{name}: grads must be a list of length 4"):
+        opt.update(params, g[:3], state)
+    bad = layer_tree(np.float64)
+    bad[0]["W"] = bad[0]["W"].astype(np.int32)
+    with pytest.raises(TypeError, match=rf"{name}: params\[0\]\['W'\] must be a float32 or float64"):
+        opt.update(bad, grads, state)
+
+
 def test_structure_of_results():
     params = make_tree(np.float32)
     params[0] = dict(b=params[0]["b"], W=params[0]["W"])  # key order is kept

@@ -63,9 +63,10 @@ def cmd_info(args):
         print(f"{k:<24} {v}")
     print("parallel thresholds (work units; FASTBP_PARALLEL_THRESHOLD or "
           "fastbp.set_parallel_threshold override):")
+    defaults = config.default_thresholds()
     for k, v in config.thresholds.items():
         src = ("env" if k in config.ENV_THRESHOLDS and v == config.ENV_THRESHOLDS[k] else
-               "default" if v == config.DEFAULT_THRESHOLDS[k] else "set")
+               "default" if v == defaults[k] else "set")
         print(f"  {k:<22} {v:>10}  ({src})")
     return 0
 

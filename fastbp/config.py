@@ -101,6 +101,9 @@ def settle_wait_policy(mkl_threads: bool) -> None:
     SET_BY_FASTBP.remove("GOMP_SPINCOUNT")
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     SET_BY_FASTBP.insert(0, "OMP_WAIT_POLICY")
+    for family, value in SPIN_THRESHOLDS.items():
+        if family not in ENV_THRESHOLDS and thresholds.get(family) == value:  # not the user's
+            thresholds[family] = DEFAULT_THRESHOLDS[family]
 
 
 # OpenBLAS's own idle workers spin for 2^OPENBLAS_THREAD_TIMEOUT cycles after a threaded
@@ -182,18 +185,36 @@ CACHE_ENABLED = CACHE_DIR is not None
 # bias and ReLU are fused into the compiled chain), so it keeps 1 << 16. Element-wise
 # families are memory-bound on 2 cores and only pay from ~0.5-1M elements. Re-run tune
 # on another machine and override with the env var above or set_parallel_threshold.
+# optim: on the second Xeon (2026-12-03) a parallel region under PASSIVE cost 76-85 µs (a
+# sleeping worker's wake-up), and tune put the optimizer's crossover at 1.5-4M elements.
 DEFAULT_THRESHOLDS = {
     "dense": 1 << 16,
     "activations": 1 << 20,
     "dropout": 1 << 19,
     "losses": 1 << 16,
-    "optim": 1 << 18,
+    "optim": 1 << 21,
     "conv": 1 << 20,
     "pool": 1 << 18,
     "rnn": 1 << 17,
     "lstm": 1 << 16,
 }
-thresholds = dict(DEFAULT_THRESHOLDS)
+# With the mkl extra, libgomp's workers spin briefly (SPIN_COUNT) instead of sleeping at
+# once, and a region that starts while they spin costs 2-3 µs (second Xeon; 40-50 µs once
+# they sleep). Families measured again under that policy; the rest keep the values above.
+# optim: tune's crossover ~93k elements (adam and sgd with momentum); whole mlp_mnist steps
+# (W1 has 200k elements), 4 interleaved pairs, median 1.17 ms at 1 << 18 against 1.00 at
+# 1 << 17. At 1 << 16 cnn_cifar's dense head (82k) went parallel too and its step was
+# slower (median 15.9 against 15.0 ms, 4 pairs), so 1 << 17.
+SPIN_THRESHOLDS = {"optim": 1 << 17}
+
+
+def default_thresholds() -> dict:
+    """The thresholds fastbp picks for the wait policy in force (see SPIN_THRESHOLDS)."""
+    spin = MKL_THREADS and "GOMP_SPINCOUNT" in SET_BY_FASTBP
+    return dict(DEFAULT_THRESHOLDS, **(SPIN_THRESHOLDS if spin else {}))
+
+
+thresholds = default_thresholds()
 
 
 def _parse_threshold_env(value: str) -> dict:

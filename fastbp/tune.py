@@ -269,9 +269,14 @@ def main(argv=None):
         res = tune_family(fam, args.repeats, progress=lambda s: print(s, flush=True))
         if res["threshold"] is not None:
             found[fam] = res["threshold"]
-    print("\nsuggested DEFAULT_THRESHOLDS (fastbp/config.py); current values in brackets:")
+    spin = config.MKL_THREADS and "GOMP_SPINCOUNT" in config.SET_BY_FASTBP
+    table = "SPIN_THRESHOLDS (libgomp workers spin briefly: the mkl extra)" if spin else \
+        "DEFAULT_THRESHOLDS (PASSIVE, or the user's wait policy)"
+    print(f"\nsuggested thresholds for {table} in fastbp/config.py; fastbp's current "
+          "defaults for this policy in brackets:")
+    defaults = config.default_thresholds()
     for fam in config.DEFAULT_THRESHOLDS:
-        cur = config.DEFAULT_THRESHOLDS[fam]
+        cur = defaults[fam]
         new = found.get(fam)
         shown = f"1 << {int(math.log2(new))}" if new else f"1 << {int(math.log2(cur))}  (not measured)"
         print(f'    "{fam}": {shown},  # [{cur}]')

@@ -122,6 +122,7 @@ def test_wait_policy_passive_without_mkl_threads():
     assert got["mkl_threads"] is False
     got = probe(FASTBP_MKL_DENSE="0")
     assert got["policy"] == "PASSIVE" and got["mkl_threads"] is False
+    assert got["thresholds"] == config.DEFAULT_THRESHOLDS
 
 
 @pytest.mark.skipif(not fastbp._blas.dense_mkl, reason="the mkl extra is not installed")
@@ -130,6 +131,11 @@ def test_wait_policy_short_spin_with_mkl_threads():
     got = probe()
     assert got["mkl_threads"] is True and got["user_set"] is False
     assert got["policy"] is None and got["spin"] == str(config.SPIN_COUNT)
+    # the families measured again under the short spin take those values
+    assert got["thresholds"] == dict(config.DEFAULT_THRESHOLDS, **config.SPIN_THRESHOLDS)
+    assert got["thresholds"]["optim"] < config.DEFAULT_THRESHOLDS["optim"]
+    got = probe(FASTBP_PARALLEL_THRESHOLD="optim=5")      # the user's value wins
+    assert got["thresholds"]["optim"] == 5
 
 
 def test_settle_wait_policy_falls_back_to_passive(monkeypatch):
@@ -137,6 +143,9 @@ def test_settle_wait_policy_falls_back_to_passive(monkeypatch):
     spin fastbp set becomes PASSIVE; a user's own setting, or MKL in use, is left alone."""
     monkeypatch.setattr(config, "MKL_THREADS", True)
     monkeypatch.setattr(config, "SET_BY_FASTBP", ["GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT"])
+    monkeypatch.setattr(config, "thresholds", config.default_thresholds())
+    monkeypatch.setattr(config, "ENV_THRESHOLDS", {})
+    assert config.thresholds["optim"] == config.SPIN_THRESHOLDS["optim"]
     monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     config.settle_wait_policy(True)                      # MKL in use: unchanged
@@ -145,6 +154,7 @@ def test_settle_wait_policy_falls_back_to_passive(monkeypatch):
     assert "GOMP_SPINCOUNT" not in os.environ and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     assert config.SET_BY_FASTBP == ["OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT"]
     assert config.MKL_THREADS is False
+    assert config.thresholds == config.DEFAULT_THRESHOLDS == config.default_thresholds()
     monkeypatch.setattr(config, "MKL_THREADS", True)     # the user's own spin count
     monkeypatch.setattr(config, "SET_BY_FASTBP", [])
     monkeypatch.setenv("GOMP_SPINCOUNT", "77")

@@ -231,17 +231,20 @@ def adam_multi(ps, gs, ms, vs, vmaxs, decay, wd, one_minus_beta1, beta2, one_min
 
 
 def run(step_kernel, multi_kernel, work, *args):
-    """Run an update on tuples ``args``: the parallel single-array build for every array
-    that is big enough on its own (``config.use_parallel("optim", size)``), and one serial
-    ``multi_kernel`` call for the rest (there the big arrays are swapped for empty views).
+    """Run an update on tuples ``args``. When the whole group is big enough
+    (``config.use_parallel("optim", work)``), every array of at least 1/8 of the threshold
+    runs the parallel single-array build, and one serial ``multi_kernel`` call does the
+    rest (there the big arrays are swapped for empty views); else one serial call does all.
     A parallel region per small array (a bias) cost more than its update: mlp_mnist's six
-    arrays took 0.17 ms as six parallel calls."""
+    arrays took 0.17 ms as six parallel calls. But once one region has woken the workers,
+    the next costs 2-3 µs, less than the serial time saved on ~10k elements or more."""
     from .. import config
     if not config.use_parallel("optim", work):
         multi_kernel(*args)
         return
     n = len(args[0])
-    big = [k for k in range(n) if config.use_parallel("optim", args[0][k].size)]
+    floor = config.thresholds["optim"] >> 3
+    big = [k for k in range(n) if args[0][k].size >= floor]
     for k in big:
         step_kernel.parallel(*[a[k] if isinstance(a, tuple) else a for a in args])
     if len(big) < n:

@@ -189,7 +189,13 @@ def forward(model, params, x, train=False, seed=None):
     train: enables Dropout / NoisyReLU noise. seed: seeds that noise (``None``: fresh
     entropy). x: the model's input, in the params' dtype.
     """
-    if type(model) is not Sequential:
+    if type(model) is Sequential:
+        plan = model._mlp
+        if plan is not None and type(params) is list and len(params) == len(model.layers):
+            out = _mlp.forward(plan, len(params), params, x)   # draws no random numbers
+            if out is not None:
+                return out
+    else:
         _check_model("forward", model)
     return model.forward(params, x, train=train, rng=_LazyRng(seed))
 
@@ -201,6 +207,11 @@ def backward(model, params, cache, dy, input_grad=True):
     gradient w.r.t. the input, or ``None`` when ``input_grad=False`` (its work is skipped).
     """
     if type(model) is Sequential:
+        plan = model._mlp
+        if plan is not None and type(params) is list and len(params) == len(model.layers):
+            out = _mlp.backward(plan, len(params), params, cache, dy, input_grad)
+            if out is not None:
+                return out
         return model.backward(params, cache, dy, input_grad=input_grad)
     _check_model("backward", model)
     if _accepts_input_grad(model):

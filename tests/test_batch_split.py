@@ -145,3 +145,58 @@ def test_layers_use_the_split_and_agree(monkeypatch):
         for g0, g1 in zip(res[0][1], res[1][1]):
             for k in g0:
                 np.testing.assert_allclose(g0[k], g1[k], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the caller's spin wait
+def test_spin_until_sees_another_threads_write():
+    """The compiled spin re-reads the flag (an atomic load, never hoisted out of the loop):
+    a value written by another Python thread while it spins ends the wait; an unreached
+    target ends it after the given rounds with False."""
+    import threading
+    import time
+    flags = np.zeros(2, np.int64)
+    assert _pool._spin_until(flags, 0, 1, 1000) is False
+    flags[1] = 5
+    assert _pool._spin_until(flags, 1, 5, 0) is True and _pool._spin_until(flags, 1, 4, 0)
+
+    def later():
+        time.sleep(0.02)
+        flags[0] = 3
+    t = threading.Thread(target=later)
+    t.start()
+    t0 = time.perf_counter()
+    assert _pool._spin_until(flags, 0, 3, 1 << 32)          # about a minute if unseen
+    assert time.perf_counter() - t0 < 30
+    t.join()
+
+
+@pytest.mark.parametrize("spins", [0, 1, 1 << 16])
+def test_pool_results_and_errors_with_any_wait(monkeypatch, spins):
+    """run and run_items give every result and re-raise errors whether the caller spins
+    (long enough, or one round and then blocks) or blocks at once."""
+    import time
+    monkeypatch.setattr(_pool, "WAIT_SPINS", spins)
+
+    def slow(n0, n1):
+        time.sleep(0.002 * n0)                  # the pool's chunks finish after the caller's
+        return list(range(n0, n1))
+    assert _pool.run(slow, [(0, 2), (2, 3), (3, 7)]) == [[0, 1], [2], [3, 4, 5, 6]]
+    seen = []
+    _pool.run_items(lambda i: (time.sleep(0.001), seen.append(i)), 9, 2)
+    assert sorted(seen) == list(range(9))
+
+    def boom(n0, n1):
+        time.sleep(0.002 * n0)
+        if n0 == 2:
+            raise ValueError("chunk 2 failed")
+    with pytest.raises(ValueError, match="chunk 2 failed"):
+        _pool.run(boom, [(0, 2), (2, 3)])
+
+    def boom_item(i):
+        time.sleep(0.001)
+        if i == 5:
+            raise RuntimeError("item 5")
+    with pytest.raises(RuntimeError, match="item 5"):
+        _pool.run_items(boom_item, 12, 2)
+    # the pool is still usable afterwards
+    assert _pool.run(lambda a, b: b - a, [(0, 2), (2, 5)]) == [2, 3]

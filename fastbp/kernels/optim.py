@@ -243,8 +243,7 @@ def run(step_kernel, multi_kernel, work, *args):
         multi_kernel(*args)
         return
     n = len(args[0])
-    floor = config.thresholds["optim"] >> 3
-    big = [k for k in range(n) if args[0][k].size >= floor]
+    big = [k for k in range(n) if config.use_parallel("optim", 8 * args[0][k].size)]
     for k in big:
         step_kernel.parallel(*[a[k] if isinstance(a, tuple) else a for a in args])
     if len(big) < n:

@@ -158,6 +158,7 @@ class MKL:
         self.layer = "gnu" if layer == MKL_GNU else "sequential"
         self.set_local = lib.MKL_Set_Num_Threads_Local
         self.set_local.argtypes, self.set_local.restype = [ctypes.c_int], ctypes.c_int
+        self.set_local_addr = ctypes.cast(self.set_local, ctypes.c_void_p).value
         self.sgemm = ctypes.cast(lib.cblas_sgemm_64, ctypes.c_void_p).value
         self.dgemm = ctypes.cast(lib.cblas_dgemm_64, ctypes.c_void_p).value
         buf = ctypes.create_string_buffer(256)
@@ -238,19 +239,35 @@ def set_max_threads(n: int) -> None:
 _NO_MKL = contextlib.nullcontext()
 
 
+def threads_for(macs: int) -> int:
+    """The BLAS thread count for a GEMM of ``macs`` multiply-adds; sets OpenBLAS's count
+    (fastbp's own library) to it for the calling thread, where it stays."""
+    n = 1 if macs < threshold else max_threads
+    if getattr(_state, "current", None) != n:
+        for setter in _setters:
+            setter(n)
+        _state.current = n
+    return n
+
+
 def use_for(macs: int):
     """Set the calling thread's BLAS thread count for a GEMM of ``macs`` multiply-adds.
 
     Use it as ``with use_for(macs): kernel(...)``. OpenBLAS's count (fastbp's own library)
     is set at once and stays; with MKL's threaded GEMMs (``dense_mkl``) MKL's thread-local
     count is set for the ``with`` block and restored after it, because a PyTorch in the
-    same process shares that MKL."""
-    n = 1 if macs < threshold else max_threads
-    if getattr(_state, "current", None) != n:
-        for setter in _setters:
-            setter(n)
-        _state.current = n
+    same process shares that MKL. (Kernels that take an ``mkl_threads`` argument do the
+    MKL part themselves: see ``mkl_threads_for``.)"""
+    n = threads_for(macs)
     return _MKLThreads(n) if dense_mkl else _NO_MKL
+
+
+def mkl_threads_for(macs: int) -> int:
+    """``threads_for(macs)`` for a kernel that sets MKL's thread-local count itself
+    (``fastbp._cblas.mkl_threads_enter``/``exit``): the count with MKL's threaded GEMMs,
+    else 0 (leave MKL alone)."""
+    n = threads_for(macs)
+    return n if dense_mkl else 0
 
 
 def gemm_macs(m: int, k: int, n: int) -> int:

@@ -53,6 +53,16 @@ _sgemm0 = types.ExternalFunction("fastbp_cblas_sgemm0", _sig(types.float32, type
 _dgemm0 = types.ExternalFunction("fastbp_cblas_dgemm0", _sig(types.float64, types.int64))
 
 
+# MKL_Set_Num_Threads_Local (the calling thread's MKL thread count; returns the previous
+# one, 0 meaning MKL's global count) when fastbp._blas runs threaded GEMMs on MKL, else a
+# no-op returning 0: see ``mkl_threads_enter``.
+_mkl_local = types.ExternalFunction("fastbp_mkl_set_local", types.int32(types.int32))
+
+
+def _no_mkl_local(n):
+    return np.int32(0)
+
+
 # --- the two shims: SciPy's LP64 CBLAS, and no CBLAS at all ----------------------------
 _s32 = types.ExternalFunction("scipy_cblas_sgemm", _sig(types.float32, types.int32))
 _d32 = types.ExternalFunction("scipy_cblas_dgemm", _sig(types.float64, types.int32))
@@ -120,6 +130,12 @@ def _bind():
     for name, addr in (("sgemm0", s0), ("dgemm0", d0), ("sgemm1", s1), ("dgemm1", d1),
                        ("sgemm", sg), ("dgemm", dg)):
         llvm.add_symbol("fastbp_cblas_" + name, addr)
+    if _blas.dense_mkl:
+        llvm.add_symbol("fastbp_mkl_set_local", one.set_local_addr)
+    else:
+        noop = cfunc(types.int32(types.int32), cache=True)(_no_mkl_local)
+        _bind.keep_noop = noop
+        llvm.add_symbol("fastbp_mkl_set_local", noop.address)
     return ok
 
 
@@ -135,6 +151,37 @@ def _ptr(typingctx, arr, off):
         ary = context.make_array(signature.args[0])(context, builder, args[0])
         return builder.gep(ary.data, [args[1]])
     return sig, codegen
+
+
+def mkl_threads_enter(n):
+    """(compiled code only) With ``n > 0``, set the calling thread's MKL thread count to
+    ``n`` and return the previous setting, for ``mkl_threads_exit``; with ``n <= 0`` do
+    nothing and return -1. Python passes ``fastbp._blas.mkl_threads_for(macs)``, which is 0
+    unless MKL runs the threaded GEMMs. The same as ``with fastbp._blas.use_for(macs):``
+    around the kernel, without two ctypes calls per kernel call."""
+    raise NotImplementedError("fastbp._cblas.mkl_threads_enter is only callable from compiled code")
+
+
+def mkl_threads_exit(prev):
+    """(compiled code only) Restore what ``mkl_threads_enter`` returned (-1: nothing)."""
+    raise NotImplementedError("fastbp._cblas.mkl_threads_exit is only callable from compiled code")
+
+
+@overload(mkl_threads_enter, jit_options=dict(cache=True))
+def _mkl_threads_enter_impl(n):
+    def impl(n):
+        if n > 0:
+            return np.int64(_mkl_local(np.int32(n)))
+        return np.int64(-1)
+    return impl
+
+
+@overload(mkl_threads_exit, jit_options=dict(cache=True))
+def _mkl_threads_exit_impl(prev):
+    def impl(prev):
+        if prev >= 0:
+            _mkl_local(np.int32(prev))
+    return impl
 
 
 def gemm(ta, tb, M, N, K, A, ia, lda, B, ib, ldb, beta, C, ic, ldc):

@@ -124,8 +124,7 @@ def forward(plan_, n_layers, params, x):
             D.bias_relu(y, b, relu)
             h = y
     else:
-        with _blas.use_for(M * plan_.max_io):
-            D.mlp_forward(x2, Ws, bs, relus, ys)
+        D.mlp_forward(x2, Ws, bs, relus, ys, _blas.mkl_threads_for(M * plan_.max_io))
     caches = [FUSED] * n_layers
     h = x2
     for k, i in enumerate(pos):
@@ -175,9 +174,8 @@ def backward(plan_, n_layers, params, cache, dy, input_grad):
         dx2 = _backward_split(x2, Ws, ys, dy2, relus, plan_.has_bias, bool(input_grad),
                               dWs, dbs, k)
     else:
-        with _blas.use_for(x2.shape[0] * plan_.max_io):
-            dx2 = D.mlp_backward(x2, Ws, tuple(ys), dy2, relus, plan_.has_bias,
-                                 bool(input_grad), dWs, dbs)
+        dx2 = D.mlp_backward(x2, Ws, tuple(ys), dy2, relus, plan_.has_bias, bool(input_grad),
+                             dWs, dbs, _blas.mkl_threads_for(x2.shape[0] * plan_.max_io))
     grads = [{} for _ in range(n_layers)]
     for k, i in enumerate(pos):
         grads[i] = {"W": dWs[k], "b": dbs[k]} if plan_.has_bias[k] else {"W": dWs[k]}

@@ -136,23 +136,27 @@ def maxout_scatter(dy, idx, pieces):
 # ReLU) through these two kernels: one compiled call per pass instead of one per layer.
 # Plural arguments are tuples with one entry per layer; ``bs[i]`` is (0,) without bias.
 @jit
-def mlp_forward(x, Ws, bs, relus, ys):
+def mlp_forward(x, Ws, bs, relus, ys, mkl_threads):
     """Forward through L dense layers, writing every layer's output.
 
     x (M, D0); Ws[i] (D_i, D_{i+1}); bs[i] (D_{i+1},) or (0,); relus[i] bool;
     ys[i] (M, D_{i+1}) preallocated outputs: ``h_0 = x``,
     ``ys[i] = h_{i+1} = act_i(h_i W_i + b_i)`` with act_i = ReLU if relus[i] else identity.
+    mkl_threads: MKL's thread count for these GEMMs, set and restored here (0: leave MKL
+    alone; ``fastbp._blas.mkl_threads_for``).
     """
+    prev = _cblas.mkl_threads_enter(mkl_threads)
     h = x
     for i in range(len(Ws)):
         y = ys[i]
         dot(h, Ws[i], y)
         _bias_relu(y, bs[i], relus[i])
         h = y
+    _cblas.mkl_threads_exit(prev)
 
 
 @jit
-def mlp_backward(x, Ws, ys, dy, relus, has_bias, input_grad, dWs, dbs):
+def mlp_backward(x, Ws, ys, dy, relus, has_bias, input_grad, dWs, dbs, mkl_threads):
     """Backward through the chain of ``mlp_forward``, from the last layer to the first.
 
     x (M, D0), Ws, ys, relus as in ``mlp_forward``; dy (M, D_L) the gradient of the last
@@ -160,7 +164,9 @@ def mlp_backward(x, Ws, ys, dy, relus, has_bias, input_grad, dWs, dbs):
     ``dWs[i] = h_iᵀ dz_i``; ``dbs[i] = Σ_rows dz_i`` when has_bias[i];
     ``d_i = dz_i W_iᵀ``. dWs[i] (D_i, D_{i+1}) and dbs[i] are preallocated outputs.
     Returns dx = d_0 (M, D0), or an empty (0, 0) array when not ``input_grad``.
+    mkl_threads: as in ``mlp_forward``.
     """
+    prev = _cblas.mkl_threads_enter(mkl_threads)
     L = len(Ws)
     d = dy
     dx = np.zeros((0, 0), dtype=dy.dtype)
@@ -174,6 +180,7 @@ def mlp_backward(x, Ws, ys, dy, relus, has_bias, input_grad, dWs, dbs):
             dot(dz, Ws[i].T, d)
             if i == 0:
                 dx = d
+    _cblas.mkl_threads_exit(prev)
     return dx
 
 

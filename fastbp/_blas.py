@@ -217,6 +217,12 @@ class _MKLThreads:
         return False
 
 
+def mkl_one_thread_count() -> int:
+    """For kernels that set MKL's count themselves around one-thread GEMMs
+    (``fastbp._cblas.mkl_threads_enter``): 1 when fastbp found MKL, else 0."""
+    return 1 if mkl is not None else 0
+
+
 def mkl_one_thread():
     """``with mkl_one_thread():`` MKL's GEMMs called from this thread run on it alone, and
     the thread's previous MKL thread count is restored afterwards (no-op without MKL)."""

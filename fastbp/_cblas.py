@@ -54,8 +54,8 @@ _dgemm0 = types.ExternalFunction("fastbp_cblas_dgemm0", _sig(types.float64, type
 
 
 # MKL_Set_Num_Threads_Local (the calling thread's MKL thread count; returns the previous
-# one, 0 meaning MKL's global count) when fastbp._blas runs threaded GEMMs on MKL, else a
-# no-op returning 0: see ``mkl_threads_enter``.
+# one, 0 meaning MKL's global count) when fastbp._blas found MKL, else a no-op returning 0:
+# see ``mkl_threads_enter``.
 _mkl_local = types.ExternalFunction("fastbp_mkl_set_local", types.int32(types.int32))
 
 
@@ -130,7 +130,7 @@ def _bind():
     for name, addr in (("sgemm0", s0), ("dgemm0", d0), ("sgemm1", s1), ("dgemm1", d1),
                        ("sgemm", sg), ("dgemm", dg)):
         llvm.add_symbol("fastbp_cblas_" + name, addr)
-    if _blas.dense_mkl:
+    if one is not None:
         llvm.add_symbol("fastbp_mkl_set_local", one.set_local_addr)
     else:
         noop = cfunc(types.int32(types.int32), cache=True)(_no_mkl_local)
@@ -156,9 +156,11 @@ def _ptr(typingctx, arr, off):
 def mkl_threads_enter(n):
     """(compiled code only) With ``n > 0``, set the calling thread's MKL thread count to
     ``n`` and return the previous setting, for ``mkl_threads_exit``; with ``n <= 0`` do
-    nothing and return -1. Python passes ``fastbp._blas.mkl_threads_for(macs)``, which is 0
-    unless MKL runs the threaded GEMMs. The same as ``with fastbp._blas.use_for(macs):``
-    around the kernel, without two ctypes calls per kernel call."""
+    nothing and return -1. Python passes ``fastbp._blas.mkl_threads_for(macs)`` (0 unless
+    MKL runs the threaded GEMMs) around ``gemm``/``dot``, the same as ``with
+    fastbp._blas.use_for(macs):`` around the kernel, or ``fastbp._blas.mkl_one_thread_count()``
+    around ``gemm1``, like ``with fastbp._blas.mkl_one_thread():``; either without two
+    ctypes calls per kernel call."""
     raise NotImplementedError("fastbp._cblas.mkl_threads_enter is only callable from compiled code")
 
 

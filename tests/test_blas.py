@@ -339,7 +339,7 @@ def test_no_cblas_fallback_computes_windowed_gemm(rng):
 def test_compiled_mkl_thread_count_is_set_and_restored():
     """``_cblas.mkl_threads_enter(n)`` sets the calling thread's MKL count to n (returning
     the previous one) and ``mkl_threads_exit`` restores it; n <= 0 leaves MKL alone.
-    Without MKL's threaded GEMMs the symbol is a no-op that returns 0."""
+    Without MKL the symbol is a no-op that returns 0."""
     import numba
 
     @numba.njit
@@ -351,13 +351,14 @@ def test_compiled_mkl_thread_count_is_set_and_restored():
         return prev, now
 
     assert probe(0) == (-1, -1)
-    if _blas.dense_mkl:
+    if _blas.mkl is not None:
         before = _blas.mkl.set_local(0)
         _blas.mkl.set_local(before)
         assert probe(3) == (before, 3)
         assert _blas.mkl.set_local(before) == before        # restored
-        with _blas.use_for(1):                              # inside a use_for block too
+        with _blas.mkl_one_thread():                        # inside a with block too
             assert probe(2) == (1, 2)
     else:
         assert probe(3) == (0, 0)
     assert _blas.mkl_threads_for(1) == (1 if _blas.dense_mkl else 0)
+    assert _blas.mkl_one_thread_count() == (0 if _blas.mkl is None else 1)

@@ -672,7 +672,8 @@ def _tap_scatter(t, b, s, k, Wp, relu, y):
 
 
 @jit
-def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf, y):
+def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf, y,
+                     mkl_threads):
     """y[n0:n1] by per-kernel-row GEMMs, g samples at a time.
 
     x (N, C, H, W), Wk (KH, F, KW, C) = W transposed (Wk[p, f, q, c] = W[f, c, p, q]),
@@ -680,7 +681,10 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf,
     and F·g·S entries (S = Hp·Wp). ``transposed``: the GEMMs write the output grid as
     pixels × F (then ``_tap_scatter``) instead of F × pixels (then ``gemm_to_nchw``).
     y[n,f,i,j] = b[f] + Σ_p,q Σ_c W[f,c,p,q]·xp[n,c,i+p,j+q], then max(·, 0) if ``relu``.
+    ``mkl_threads``: 1 to run MKL's GEMMs on this thread alone (set here and restored), 0
+    without MKL (``fastbp._blas.mkl_one_thread_count``).
     """
+    prev = _cblas.mkl_threads_enter(mkl_threads)
     _, C, H, Wd = x.shape
     KH, F, KW, _ = Wk.shape
     OH = y.shape[2]
@@ -705,11 +709,12 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf,
                 _cblas.gemm1(False, False, F, L, R, Wk, p * F * R, R,
                             xs, p * k * Wp, T, 0 if p == 0 else 1, t, 0, L)
             _to_nchw_serial(t, b, s, k, relu, k * Wp, Wp, y)
+    _cblas.mkl_threads_exit(prev)
 
 
 @jit
 def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
-                       xbuf, zbuf, dbuf, dWt, db, dx):
+                       xbuf, zbuf, dbuf, dWt, db, dx, mkl_threads):
     """Gradients of samples n0:n1 by per-kernel-row GEMMs, g samples at a time.
 
     x (N, C, H, W), Wk (KH, F, KW, C), dy and y (N, F, OH, OW) (y read only when ``relu``:
@@ -719,8 +724,9 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
     83-88 GFLOP/s on one thread against 57 for F×R) and db[gi] (F,) or (0,) += Σ_n,i,j dz; when
     ``input_grad`` writes dx[n0:n1] (N, C, H, W), the flipped-kernel correlation of dz in
     its scatter form. xbuf, zbuf, dbuf: flat scratch of at least KW·C·g·S, F·g·S and
-    KW·C·g·S entries (S = Hp·Wp).
+    KW·C·g·S entries (S = Hp·Wp). ``mkl_threads``: as in ``_tap_forward_rows``.
     """
+    prev = _cblas.mkl_threads_enter(mkl_threads)
     _, C, H, Wd = x.shape
     KH, F, KW, _ = Wk.shape
     OH, OW = dy.shape[2], dy.shape[3]
@@ -787,6 +793,7 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
                             part = dst[lo:]
                             for w in range(Wd - lo):
                                 part[w] += src[w]
+    _cblas.mkl_threads_exit(prev)
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -887,8 +894,9 @@ def _tap_forward(x, W, b, ph, pw, relu, y):
     def run(n0, n1):
         xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
         tbuf = _workspace("tap_t", F * g * S, x.dtype)
-        with _blas.use_for(0), _blas.mkl_one_thread():
-            _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf, y)
+        _blas.threads_for(0)            # OpenBLAS: one thread (the thin GEMMs)
+        _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf, y,
+                          _blas.mkl_one_thread_count())
     if threads == 1:
         run(0, N)
     else:                 # groups claimed one at a time by the threads: balanced
@@ -915,9 +923,9 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
         xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
         zbuf = _workspace("tap_t", F * g * S, x.dtype)
         dbuf = _workspace("tap_d", KW * C * g * S if input_grad else 0, x.dtype)
-        with _blas.use_for(0), _blas.mkl_one_thread():
-            _tap_backward_rows(x, Wk, dy, yy, relu, ph, pw, n0, n1, g, input_grad,
-                               xbuf, zbuf, dbuf, dWt, dbg, dxo)
+        _blas.threads_for(0)            # OpenBLAS: one thread (the thin GEMMs)
+        _tap_backward_rows(x, Wk, dy, yy, relu, ph, pw, n0, n1, g, input_grad,
+                           xbuf, zbuf, dbuf, dWt, dbg, dxo, _blas.mkl_one_thread_count())
     if threads == 1:
         run(0, N)
     else:                 # groups claimed one at a time by the threads: balanced

@@ -269,7 +269,9 @@ def _walk(p, os, nout, by_dt):
 
 def _walk_layers_sgd(p, g):
     """``_walk_layers(p, [g], 1)`` for plain SGD (no buffers, one output), with the loops
-    over buffers and outputs unrolled: 8 µs against 12 on mlp_small."""
+    over buffers and outputs unrolled (its checks repeat ``_walk_layers``'s on purpose: a
+    helper call per array is what this avoids). mlp_small's six arrays, same processes:
+    8 µs against 12-17 for ``_walk_layers`` and 14-24 for ``_walk``."""
     tp = type(p)
     n = len(p) if tp is list or tp is tuple else -1
     if n <= 0 or type(g) is not tp or len(g) != n:
@@ -315,7 +317,7 @@ def _walk_layers(p, os, nout):
     """``_walk`` for the tree a ``Sequential`` has: a list or tuple of dicts of arrays, all
     of one dtype, C-contiguous and writeable. Returns ``(by_dt, new_trees)`` like ``_walk``,
     or None for anything else (``_walk`` then takes it and names the problem). Flat loops,
-    no recursion: on mlp_small's six arrays this took 8 µs against 14-24 for ``_walk``."""
+    no recursion and no per-node calls, unlike ``_walk``."""
     tp = type(p)
     n = len(p) if tp is list or tp is tuple else -1
     if n <= 0:

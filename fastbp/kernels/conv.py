@@ -104,6 +104,10 @@ def out_size(H, Wd, KH, KW, sh, sw, ph, pw):
 
 
 # ---------------------------------------------------------------------------- direct loops
+# VIEWS_IN_BRANCHES: a slice or row view made inside an ``if`` in a hot loop (``if relu:
+# ys = y[n, f, i]``) costs reference-count updates that Numba does not prune; the ReLU-masked
+# gradient copy of the tap backward ran 3-4x slower that way (lenet conv1, one thread:
+# 160 against 530 µs per call). The kernels make such views unconditionally.
 @dual("conv")
 def direct_forward(x, W, b, sh, sw, ph, pw, relu, y):
     """Direct cross-correlation into ``y``.
@@ -464,8 +468,9 @@ def gemm_to_nchw(t, b, n0, m, relu, pitch, PX, y):
 def nchw_to_gemm(dy, y, n0, relu, pitch, t, db):
     """Gather dy of samples n0 .. n0+m−1 as a matrix, masking by ReLU and summing the bias grad.
 
-    dy, y (N, F, OH, OW) (y read only when ``relu``), t (F, m·OH·pitch) output, pitch >= OW,
-    db (F,) accumulated (``db[f] += Σ dz[·, f]``) or (0,) for no bias.
+    dy, y (N, F, OH, OW) (y's values used only when ``relu``; pass dy otherwise),
+    t (F, m·OH·pitch) output, pitch >= OW, db (F,) accumulated (``db[f] += Σ dz[·, f]``)
+    or (0,) for no bias.
     t[f, k·OH·pitch + i·pitch + j] = dz[n0+k, f, i, j] for j < OW and 0 for OW <= j < pitch,
     dz = dy ⊙ [y > 0] if ``relu`` else dy. Parallel over f.
     """
@@ -481,13 +486,9 @@ def nchw_to_gemm(dy, y, n0, relu, pitch, t, db):
             for i in range(OH):
                 dst = t[f, k * PX + i * pitch:k * PX + (i + 1) * pitch]
                 src = dy[n0 + k, f, i]
-                if relu:
-                    ys = y[n0 + k, f, i]
-                    for j in range(OW):
-                        dst[j] = src[j] if ys[j] > zero else zero
-                else:
-                    for j in range(OW):
-                        dst[j] = src[j]
+                ys = y[n0 + k, f, i]        # unconditionally: see VIEWS_IN_BRANCHES
+                for j in range(OW):
+                    dst[j] = src[j] if (ys[j] > zero or not relu) else zero
                 for j in range(OW, pitch):
                     dst[j] = zero
                 for j in range(OW):
@@ -717,11 +718,12 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
                        xbuf, zbuf, dbuf, dWt, db, dx, mkl_threads):
     """Gradients of samples n0:n1 by per-kernel-row GEMMs, g samples at a time.
 
-    x (N, C, H, W), Wk (KH, F, KW, C), dy and y (N, F, OH, OW) (y read only when ``relu``:
-    dz = dy ⊙ [y > 0], else dz = dy). Accumulates, per group of samples gi = s // g (n0 is
-    a multiple of g), dWt[gi] (KH, KW, C, F) += Σ_n dz ⋆ xp (dWt[gi, p, q, c, f] is that
-    group's part of dW[f, c, p, q]; this orientation, R×F per kernel row, ran the GEMM at
-    83-88 GFLOP/s on one thread against 57 for F×R) and db[gi] (F,) or (0,) += Σ_n,i,j dz; when
+    x (N, C, H, W), Wk (KH, F, KW, C), dy and y (N, F, OH, OW) (y's values used only
+    when ``relu``: dz = dy ⊙ [y > 0], else dz = dy; pass dy as y then). Accumulates, per
+    group of samples gi = s // g (n0 is a multiple of g), dWt[gi] (KH, KW, C, F) +=
+    Σ_n dz ⋆ xp (dWt[gi, p, q, c, f] is that group's part of dW[f, c, p, q]; this
+    orientation, R×F per kernel row, ran the GEMM at 83-88 GFLOP/s on one thread against 57
+    for F×R) and db[gi] (F,) or (0,) += Σ_n,i,j dz; when
     ``input_grad`` writes dx[n0:n1] (N, C, H, W), the flipped-kernel correlation of dz in
     its scatter form. xbuf, zbuf, dbuf: flat scratch of at least KW·C·g·S, F·g·S and
     KW·C·g·S entries (S = Hp·Wp). ``mkl_threads``: as in ``_tap_forward_rows``.
@@ -753,13 +755,9 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
                     o = (i * k + kk) * Wp
                     src = dy[s + kk, f, i]
                     dst = row[o:o + OW]
-                    if relu:
-                        ys = y[s + kk, f, i]
-                        for j in range(OW):
-                            dst[j] = src[j] if ys[j] > zero else zero
-                    else:
-                        for j in range(OW):
-                            dst[j] = src[j]
+                    ys = y[s + kk, f, i]    # unconditionally: see VIEWS_IN_BRANCHES
+                    for j in range(OW):
+                        dst[j] = src[j] if (ys[j] > zero or not relu) else zero
                     for j in range(OW):
                         acc[j] += dst[j]
                     junk = row[o + OW:o + Wp]

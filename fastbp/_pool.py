@@ -18,13 +18,20 @@ machine was quiet, level (±3%) when it was busy. 2^22 puts rnn_seq (26M) and ls
 ``MIN_ROWS``: each chunk keeps at least this many rows, so its per-step GEMM stays
 efficient. The environment variable ``FASTBP_SPLIT_MACS`` overrides SPLIT_MACS (a huge
 value never splits).
+
+The conv layers split their samples here too (``run_items``). The pool threads are plain
+daemon threads (``_Worker``, NUMBA_NUM_THREADS − 1 of them), each running its jobs in
+order. Neither side sleeps at once: a pool thread polls for its next job for about half a
+millisecond (``WORKER_SPINS``) and the caller spins for its pool threads' results
+(``WAIT_SPINS``), both with the GIL released, because waking a sleeping thread costs about
+100 µs on these VMs. A split started on a pool thread runs there, serially.
 """
 from __future__ import annotations
 
+import collections
 import os
 import platform
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -39,14 +46,19 @@ from ._jit import jit
 SPLIT_MACS = int(os.environ.get("FASTBP_SPLIT_MACS", 1 << 22))
 MIN_ROWS = 16
 
-_lock = threading.Lock()
-_executor = None
-
 # The caller's wait for its pool threads: spin (GIL released) up to WAIT_SPINS rounds of the
 # CPU's pause instruction, then block. A blocked caller is woken through the host on these
 # VMs (an idle vCPU halts at once), which cost cnn_lenet's conv splits 90-210 µs per call
 # (wall time against half the items' summed time; FASTBP_POOL_SPINS overrides, 0 blocks).
 WAIT_SPINS = int(os.environ.get("FASTBP_POOL_SPINS", 1 << 16))
+# The pool threads' wait for their next job, the same way: up to WORKER_SPINS rounds (a
+# sched_yield every YIELD_EVERY rounds hands the core to libgomp's or MKL's threads when
+# they want it), then block. Blocked, a pool thread started its first item a median 105-139
+# µs after the submit in cnn_cifar and cnn_lenet, and in 87 of 800 lenet conv calls it got
+# no item at all; a conv net's split calls come a few hundred µs apart.
+# FASTBP_WORKER_SPINS overrides (0: block at once).
+WORKER_SPINS = int(os.environ.get("FASTBP_WORKER_SPINS", 1 << 15))
+YIELD_EVERY = 64
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 
@@ -76,6 +88,9 @@ def _pause(typingctx):
     return sig, codegen
 
 
+_sched_yield = types.ExternalFunction("sched_yield", types.int32())
+
+
 @jit
 def _spin_until(flags, idx, target, spins):
     """Spin (nogil) until ``flags[idx] >= target`` or ``spins`` rounds have passed; returns
@@ -87,25 +102,103 @@ def _spin_until(flags, idx, target, spins):
     return _load_acquire(flags, idx) >= target
 
 
-def _wait(futures, done, target):
-    """Wait until ``done[0]`` reaches ``target`` (the pool threads count their finished
-    work there), spinning first, then for the futures themselves."""
-    if WAIT_SPINS and _spin_until(done, 0, target, WAIT_SPINS):
-        return
-    for f in futures:
-        try:
-            f.result()
-        except BaseException:
-            pass
+@jit
+def _poll_until(flags, idx, target, spins, yield_every):
+    """``_spin_until`` that calls ``sched_yield`` instead of ``pause`` every ``yield_every``
+    rounds, so a thread polling for long lets any other runnable thread have its core."""
+    for i in range(spins):
+        if _load_acquire(flags, idx) >= target:
+            return True
+        if i % yield_every == yield_every - 1:
+            _sched_yield()
+        else:
+            _pause()
+    return _load_acquire(flags, idx) >= target
 
 
-def _pool():
-    global _executor
+class _Worker:
+    """A pool thread: runs the jobs ``submit`` gives it, in order. Between jobs it polls
+    for the next one (``WORKER_SPINS`` rounds, GIL released), then sleeps on a condition."""
+
+    def __init__(self, name):
+        self.jobs = collections.deque()
+        self.posted = np.zeros(1, np.int64)     # jobs submitted so far (polled nogil)
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, fn):
+        """Queue ``fn()`` (it must not raise: the pool's jobs catch their errors)."""
+        with self.cond:
+            self.jobs.append(fn)
+            self.posted[0] += 1
+            self.cond.notify()
+
+    def _loop(self):
+        taken = 0
+        while True:
+            if not (WORKER_SPINS and _poll_until(self.posted, 0, taken + 1, WORKER_SPINS,
+                                                 YIELD_EVERY)):
+                with self.cond:
+                    while self.posted[0] <= taken:
+                        self.cond.wait()
+            taken += 1
+            self.jobs.popleft()()
+
+
+_lock = threading.Lock()
+_workers: list = []
+_worker_threads: set = set()
+
+
+def _reset_after_fork():
+    global _lock
+    _lock = threading.Lock()
+    _workers.clear()
+    _worker_threads.clear()
+
+
+if hasattr(os, "register_at_fork"):         # a forked child has none of the threads
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _pool(k):
+    """The first ``k`` pool threads (created on first use; at most NUMBA_NUM_THREADS − 1)."""
     with _lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1),
-                                           thread_name_prefix="fastbp")
-        return _executor
+        while len(_workers) < min(k, max(1, numba.config.NUMBA_NUM_THREADS - 1)):
+            w = _Worker(f"fastbp-{len(_workers)}")
+            _workers.append(w)
+            _worker_threads.add(w.thread)
+        return _workers[:k]
+
+
+class _Done:
+    """Counts a call's finished pool jobs. The caller spins on ``count`` (WAIT_SPINS), then
+    blocks on ``event``, which the last job sets."""
+    __slots__ = ("count", "target", "lock", "event")
+
+    def __init__(self, target):
+        self.count = np.zeros(1, np.int64)
+        self.target = target
+        self.lock = threading.Lock()
+        self.event = threading.Event()
+
+    def add(self):
+        with self.lock:
+            self.count[0] += 1
+            if self.count[0] >= self.target:
+                self.event.set()
+
+    def wait(self):
+        if self.target <= 0 or (WAIT_SPINS and _spin_until(self.count, 0, self.target,
+                                                           WAIT_SPINS)):
+            return
+        self.event.wait()
+
+
+def _on_pool_thread():
+    """True on a pool thread: a split started there runs on it alone (no self-deadlock)."""
+    return threading.current_thread() in _worker_threads
 
 
 def row_chunks(N: int, macs: int):
@@ -121,7 +214,6 @@ def row_chunks(N: int, macs: int):
 def run(fn, chunks):
     """``fn(n0, n1)`` for every chunk: the first on the calling thread, the rest on the
     pool. Returns the results in chunk order when all are done; re-raises the first error."""
-    done = np.zeros(1, np.int64)
     out, errs = [None] * len(chunks), [None] * len(chunks)
 
     def job(k):
@@ -129,12 +221,20 @@ def run(fn, chunks):
             out[k] = fn(*chunks[k])
         except BaseException as e:  # the others still run: they write the same outputs
             errs[k] = e
-        finally:
-            if k:
-                done[0] += 1        # under the GIL; read by _spin_until
-    futures = [_pool().submit(job, k) for k in range(1, len(chunks))]
-    job(0)
-    _wait(futures, done, len(futures))
+    if len(chunks) > 1 and not _on_pool_thread():
+        workers = _pool(len(chunks) - 1)
+        done = _Done(len(chunks) - 1)
+
+        def pooled(k):
+            job(k)
+            done.add()
+        for k in range(1, len(chunks)):
+            workers[(k - 1) % len(workers)].submit(lambda k=k: pooled(k))
+        job(0)
+        done.wait()
+    else:
+        for k in range(len(chunks)):
+            job(k)
     err = next((e for e in errs if e is not None), None)
     if err is not None:
         raise err
@@ -146,14 +246,13 @@ def run_items(fn, n_items, n_threads):
     threads), each claiming the next item as it finishes one: a thread that runs slower
     (another process on its core) simply does fewer items. ``fn`` must not depend on
     which thread runs an item. Re-raises the first error once all threads have stopped."""
-    if n_threads <= 1 or n_items <= 1:
+    if n_threads <= 1 or n_items <= 1 or _on_pool_thread():
         for i in range(n_items):
             fn(i)
         return
     items = iter(range(n_items))
     lock = threading.Lock()
     failed = []
-    done = np.zeros(1, np.int64)
 
     def worker():
         while not failed:
@@ -166,14 +265,17 @@ def run_items(fn, n_items, n_threads):
             except BaseException as e:
                 failed.append(e)
                 return
+    workers = _pool(min(n_threads, n_items) - 1)
+    done = _Done(len(workers))
 
     def pooled():
         try:
             worker()
         finally:
-            done[0] += 1            # under the GIL; read by _spin_until
-    futures = [_pool().submit(pooled) for _ in range(min(n_threads, n_items) - 1)]
+            done.add()
+    for w in workers:
+        w.submit(pooled)
     worker()
-    _wait(futures, done, len(futures))
+    done.wait()
     if failed:
         raise failed[0]

@@ -200,3 +200,101 @@ def test_pool_results_and_errors_with_any_wait(monkeypatch, spins):
         _pool.run_items(boom_item, 12, 2)
     # the pool is still usable afterwards
     assert _pool.run(lambda a, b: b - a, [(0, 2), (2, 5)]) == [2, 3]
+
+
+# ---------------------------------------------------------------- the pool threads' poll
+def test_poll_until_sees_another_threads_write_and_gives_up():
+    """The pool threads' poll (pause, with a sched_yield every few rounds) ends on another
+    thread's write, and returns False after its rounds when nothing comes."""
+    import threading
+    import time
+    flags = np.zeros(1, np.int64)
+    assert _pool._poll_until(flags, 0, 1, 1000, 64) is False
+    assert _pool._poll_until(flags, 0, 0, 0, 64) is True
+
+    def later():
+        time.sleep(0.02)
+        flags[0] = 2
+    t = threading.Thread(target=later)
+    t.start()
+    assert _pool._poll_until(flags, 0, 2, 1 << 40, 4)       # hours if the write were unseen
+    t.join()
+
+
+@pytest.mark.parametrize("worker_spins", [0, 1, 1 << 20])
+def test_pool_threads_pick_up_jobs_whether_polling_or_asleep(monkeypatch, worker_spins):
+    """Jobs reach a pool thread that is polling, one that gives up at once and sleeps, and
+    one that slept in between calls; each call gets all its own results."""
+    import time
+    monkeypatch.setattr(_pool, "WORKER_SPINS", worker_spins)
+    for pause in (0.0, 0.01):
+        time.sleep(pause)                       # the pool thread may have gone to sleep
+        seen = []
+        _pool.run_items(lambda i: seen.append(i), 40, 2)
+        assert sorted(seen) == list(range(40))
+        assert _pool.run(lambda a, b: list(range(a, b)), [(0, 3), (3, 5)]) == \
+            [[0, 1, 2], [3, 4]]
+
+
+@pytest.mark.timeout(120)
+def test_a_split_started_on_a_pool_thread_runs_there():
+    """run_items/run called from inside a pool job run serially on that thread instead of
+    queueing behind the job that waits for them (which would never finish)."""
+    import threading
+    import time
+    threads = []
+
+    def outer(i):
+        time.sleep(0.002)                       # let the pool thread claim items too
+        if threading.current_thread().name.startswith("fastbp-"):
+            inner = []
+            _pool.run_items(lambda j: inner.append((j, threading.current_thread())), 6, 2)
+            assert sorted(j for j, _ in inner) == list(range(6))
+            assert {t for _, t in inner} == {threading.current_thread()}
+            assert _pool.run(lambda a, b: b - a, [(0, 2), (2, 7)]) == [2, 5]
+            threads.append(threading.current_thread())
+    for _ in range(20):                         # the pool thread takes an item in most calls
+        _pool.run_items(outer, 8, 2)
+    assert threads, "the pool thread never ran an item in 20 calls"
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_callers_share_the_pool():
+    """Several Python threads splitting at once each get exactly their own items."""
+    import threading
+    results, errors = {}, []
+
+    def caller(c):
+        try:
+            for _ in range(20):
+                seen = []
+                _pool.run_items(lambda i: seen.append(c * 1000 + i), 16, 2)
+                assert sorted(seen) == [c * 1000 + i for i in range(16)]
+            results[c] = True
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+    ts = [threading.Thread(target=caller, args=(c,)) for c in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors and len(results) == 4
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_pool_works_in_a_forked_child():
+    """A forked child has none of the parent's pool threads; it starts its own."""
+    import multiprocessing as mp
+    _pool.run_items(lambda i: None, 4, 2)        # the parent's pool thread exists
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_forked_split, args=(q,))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0 and q.get(timeout=5) == list(range(10))
+
+
+def _forked_split(q):
+    seen = []
+    _pool.run_items(seen.append, 10, 2)
+    q.put(sorted(seen))

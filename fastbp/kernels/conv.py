@@ -778,19 +778,20 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
                 _cblas.gemm1(True, False, R, L, F, Wk, p * F * R, R,
                             zg, 0, L, 1, ds, p * k * Wp, T)
             for c in range(C):
+                # dxg[c, v] = Σ_q ds[q·C + c, v − q] over the whole grid, in place in ds[c]
+                # (long loops; per image row they were short ones: 2x slower in all)
+                acc = ds[c]
+                for q in range(1, KW):
+                    src = ds[q * C + c]
+                    dst = acc[q:]
+                    for v in range(T - q):
+                        dst[v] += src[v]
                 for kk in range(k):
                     for h in range(H):
                         o = ((h + ph) * k + kk) * Wp + pw
                         dst = dx[s + kk, c, h]
-                        src = ds[c, o:o + Wd]
                         for w in range(Wd):
-                            dst[w] = src[w]
-                        for q in range(1, KW):
-                            lo = max(0, q - o)          # ds column o + w − q must be >= 0
-                            src = ds[q * C + c, o + lo - q:o + Wd - q]
-                            part = dst[lo:]
-                            for w in range(Wd - lo):
-                                part[w] += src[w]
+                            dst[w] = acc[o + w]
     _cblas.mkl_threads_exit(prev)
 
 

@@ -8,7 +8,7 @@ Max pooling sends each output's gradient to its arg-max. The arg-max is found ex
 PyTorch's CPU kernel does: scanning the window row by row, a value replaces the current
 best when it is greater or NaN, so on ties the first position wins and a NaN is never
 passed over (the last NaN in the window wins). The forward kernels compare without NaN
-tests and redo, with them, any plane whose values sum to NaN.
+tests and redo, with them, any plane that holds a NaN.
 """
 import numpy as np
 from numba import prange
@@ -40,12 +40,13 @@ def _max_plane_exact(xp, KH, KW, sh, sw, yp, ip):
 
 @jit(inline="always")
 def _max_plane(xp, KH, KW, sh, sw, yp, ip):
-    """One plane without NaN tests in the hot loop (they made it ~8x slower); ``s`` sums
-    every value read, and a plane whose sum is NaN (a NaN, or inf − inf) is redone by
-    ``_max_plane_exact``. Ordered comparisons give the same result on NaN-free data."""
+    """One plane without NaN tests in the comparisons (they made it ~8x slower): ``bad``
+    records whether any value read is NaN (v != v, OR-ed: no loop-carried float chain),
+    and such a plane is redone by ``_max_plane_exact``. Ordered comparisons give the same
+    result on NaN-free data."""
     OH, OW = yp.shape
     Wd = xp.shape[1]
-    s = xp.dtype.type(0)
+    bad = False
     for i in range(OH):
         for j in range(OW):
             h0 = i * sh
@@ -56,22 +57,25 @@ def _max_plane(xp, KH, KW, sh, sw, yp, ip):
                 row = xp[h0 + p]
                 for q in range(KW):
                     v = row[w0 + q]
-                    s += v
+                    bad |= v != v
                     gt = v > best
                     arg = (h0 + p) * Wd + w0 + q if gt else arg
                     best = v if gt else best
             yp[i, j] = best
             ip[i, j] = arg
-    if s != s:
+    if bad:
         _max_plane_exact(xp, KH, KW, sh, sw, yp, ip)
 
 
 @jit(inline="always")
 def _max_plane_2x2(xp, yp, ip):
-    """``_max_plane`` for the 2×2 window with stride 2, unrolled."""
+    """``_max_plane`` for the 2×2 window with stride 2, unrolled. A window's sum is NaN
+    when it holds a NaN (or inf − inf: then the exact pass is merely redundant). OR-ing
+    that test instead of summing the plane (a loop-carried float chain) ran a 32×32×32×32
+    input 2.2-2.3x faster on one thread."""
     OH, OW = yp.shape
     Wd = xp.shape[1]
-    s = xp.dtype.type(0)
+    bad = False
     for i in range(OH):
         r0 = xp[2 * i]
         r1 = xp[2 * i + 1]
@@ -83,7 +87,8 @@ def _max_plane_2x2(xp, yp, ip):
             b = r0[2 * j + 1]
             c = r1[2 * j]
             d = r1[2 * j + 1]
-            s += (a + b) + (c + d)
+            u = (a + b) + (c + d)
+            bad |= u != u
             best = a
             arg = base + 2 * j
             if b > best:
@@ -97,7 +102,7 @@ def _max_plane_2x2(xp, yp, ip):
                 arg = base + Wd + 2 * j + 1
             yr[j] = best
             ir[j] = arg
-    if s != s:
+    if bad:
         _max_plane_exact(xp, 2, 2, 2, 2, yp, ip)
 
 

@@ -88,6 +88,28 @@ def _pause(typingctx):
     return sig, codegen
 
 
+@intrinsic
+def _fetch_add(typingctx, arr, idx, val):
+    """``arr[idx] += val`` as one atomic (sequentially consistent) operation; returns the
+    value before the addition."""
+    sig = arr.dtype(arr, idx, val)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        v = context.cast(builder, args[2], signature.args[2], signature.args[0].dtype)
+        return builder.atomic_rmw("add", ptr, v, "seq_cst")
+    return sig, codegen
+
+
+@jit
+def claim(counter):
+    """The next item number from ``counter`` (an int64 array of one element, shared by
+    the threads of a split): compiled loops claim their work items this way, with no
+    Python (and no GIL hand-off) between items."""
+    return _fetch_add(counter, 0, 1)
+
+
 _sched_yield = types.ExternalFunction("sched_yield", types.int32())
 
 

@@ -380,6 +380,41 @@ def test_tap_split_deterministic_and_float32(rng, monkeypatch):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not K._cblas.available, reason="SciPy's BLAS has no scipy_cblas_*gemm")
+def test_tap_split_same_bits_on_one_and_two_threads(rng, monkeypatch):
+    """The split's threads claim groups of samples in compiled code; each group's weight
+    gradient partial is summed in group order, so one and two threads give the same bits
+    (forward, dx, dW, db; several groups, the last one short)."""
+    monkeypatch.setattr(K, "SPLIT_MACS", 0)
+    monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", 6000)      # groups of 3 samples
+    x = rng.standard_normal((11, 3, 9, 8)).astype(np.float32)
+    Wt = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    dy = rng.standard_normal((11, 4, 9, 9)).astype(np.float32)
+    S, g = K._tap_plan(x.shape, 4, 3, 2, 1, 1)
+    assert g == 3
+    runs = []
+    for threads in (1, 2, 1, 2):
+        with _num_threads(threads):
+            y = K.conv2d_forward(x, Wt, b, 1, 1, True, "tap")
+            runs.append((y,) + K.conv2d_backward(x, Wt, dy, 1, 1, True, True, y, "tap"))
+    for other in runs[1:]:
+        for a, r in zip(other, runs[0]):
+            np.testing.assert_array_equal(a, r)
+
+
+class _num_threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.prev = fastbp.get_num_threads()
+        fastbp.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        fastbp.set_num_threads(self.prev)
+
+
 def test_sequential_fuses_conv_relu(rng):
     """Conv2D + ReLU in a Sequential run as one fused kernel, with the same numbers."""
     model = fastbp.Sequential(Conv2D(2, 3, 3, padding=1), ReLU(), Flatten(), Dense(48, 2))

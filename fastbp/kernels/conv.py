@@ -795,6 +795,40 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
     _cblas.mkl_threads_exit(prev)
 
 
+# The split calls: each thread runs one of these, claiming groups until none are left, so
+# no Python runs between groups. Claimed one group at a time from Python (the GIL taken
+# and handed over around every group), two threads ran lenet conv1's forward 1.05-1.1x
+# faster than one, and its backward 1.1-1.2x.
+@jit
+def _tap_forward_claimed(x, Wk, b, ph, pw, relu, g, transposed, xbuf, tbuf, y, mkl_threads,
+                         counter):
+    """``_tap_forward_rows`` over groups of g samples claimed one at a time from ``counter``
+    (``fastbp._pool.claim``; group i is samples i·g .. min(N, i·g + g) − 1)."""
+    N = x.shape[0]
+    G = (N + g - 1) // g
+    while True:
+        i = _pool.claim(counter)
+        if i >= G:
+            return
+        _tap_forward_rows(x, Wk, b, ph, pw, relu, i * g, min(N, i * g + g), g, transposed,
+                          xbuf, tbuf, y, mkl_threads)
+
+
+@jit
+def _tap_backward_claimed(x, Wk, dy, y, relu, ph, pw, g, input_grad, xbuf, zbuf, dbuf,
+                          dWt, db, dx, mkl_threads, counter):
+    """``_tap_backward_rows`` over groups of g samples claimed from ``counter``, as in
+    ``_tap_forward_claimed``."""
+    N = x.shape[0]
+    G = (N + g - 1) // g
+    while True:
+        i = _pool.claim(counter)
+        if i >= G:
+            return
+        _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, i * g, min(N, i * g + g), g,
+                           input_grad, xbuf, zbuf, dbuf, dWt, db, dx, mkl_threads)
+
+
 # ---------------------------------------------------------------------------- entry points
 def _pair(v):
     return (v, v) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
@@ -890,16 +924,17 @@ def _tap_forward(x, W, b, ph, pw, relu, y):
     threads = _tap_threads(N, N * F * OH * OW * C * KH * KW)
     transposed = KW * C >= TAP_T_MIN_K
 
-    def run(n0, n1):
+    counter = np.zeros(1, np.int64)
+
+    def drain(_):
         xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
         tbuf = _workspace("tap_t", F * g * S, x.dtype)
         _blas.threads_for(0)            # OpenBLAS: one thread (the thin GEMMs)
-        _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf, y,
-                          _blas.mkl_one_thread_count())
-    if threads == 1:
-        run(0, N)
-    else:                 # groups claimed one at a time by the threads: balanced
-        _pool.run_items(lambda i: run(i * g, min(N, i * g + g)), -(-N // g), threads)
+        _tap_forward_claimed(x, Wk, b, ph, pw, relu, g, transposed, xbuf, tbuf, y,
+                             _blas.mkl_one_thread_count(), counter)
+    # every thread claims groups until none are left: balanced, and a thread that starts
+    # late finds less (or nothing) to do
+    _pool.run_items(drain, threads, threads)
 
 
 def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
@@ -918,17 +953,16 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
     dbg = np.zeros((G, db.shape[0]), dtype=x.dtype)
     threads = _tap_threads(N, N * F * OH * OW * C * KH * KW * (2 if input_grad else 1))
 
-    def run(n0, n1):
+    counter = np.zeros(1, np.int64)
+
+    def drain(_):
         xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
         zbuf = _workspace("tap_t", F * g * S, x.dtype)
         dbuf = _workspace("tap_d", KW * C * g * S if input_grad else 0, x.dtype)
         _blas.threads_for(0)            # OpenBLAS: one thread (the thin GEMMs)
-        _tap_backward_rows(x, Wk, dy, yy, relu, ph, pw, n0, n1, g, input_grad,
-                           xbuf, zbuf, dbuf, dWt, dbg, dxo, _blas.mkl_one_thread_count())
-    if threads == 1:
-        run(0, N)
-    else:                 # groups claimed one at a time by the threads: balanced
-        _pool.run_items(lambda i: run(i * g, min(N, i * g + g)), G, threads)
+        _tap_backward_claimed(x, Wk, dy, yy, relu, ph, pw, g, input_grad, xbuf, zbuf, dbuf,
+                              dWt, dbg, dxo, _blas.mkl_one_thread_count(), counter)
+    _pool.run_items(drain, threads, threads)    # as in _tap_forward
     dW[...] = _sum_groups(dWt).transpose(3, 2, 0, 1)
     db[...] = _sum_groups(dbg)
 

@@ -24,7 +24,8 @@ Three algorithms compute the same numbers:
   OpenBLAS exposes CBLAS): per-kernel-row GEMMs on shifted windows of the padded input,
   no im2col; see "per-tap GEMMs" below.
   From SPLIT_MACS multiply-adds, fastbp's Python threads (``fastbp._pool.run_items``)
-  claim groups of samples one at a time, each on one BLAS thread; the weight gradient has
+  each run a compiled loop that claims groups of samples one at a time (an atomic
+  counter, ``fastbp._pool.claim``), each on one BLAS thread; the weight gradient has
   one partial per group, summed in group order, so the result is the same bits on any
   thread count. (Claiming balances the threads: with a fixed half each, one thread of a
   cifar conv2 backward took 8.7 ms and the other 10.0; claimed, the call took 9.9 ms

@@ -165,6 +165,24 @@ def _cells(run, families):
                 K.conv2d_backward(x, W, run.x(y.shape), 1, 1, True, True, y if relu else None,
                                   "gemm")
         run.attempt("kernels.conv im2col + GEMM, stride 1", conv_gemm)
+
+        def conv_tap_rows():            # the split loops' body, reached only from them
+            from . import _blas, _pool
+            x, W, b = run.x((2, 2, 6, 6)), run.x((3, 2, 3, 3)), run.x((3,))
+            Wk = np.ascontiguousarray(W.transpose(2, 0, 3, 1))
+            S, g = K._tap_plan(x.shape, 3, 3, 3, 1, 1)
+            G, mkl = -(-2 // g), _blas.mkl_one_thread_count()
+            y = np.empty((2, 3, 6, 6), dtype=x.dtype)
+            xbuf, tbuf = run.x((6 * g * S,)), run.x((3 * g * S,))
+            for transposed in (False, True):
+                K._tap_forward_rows(x, Wk, b, 1, 1, True, 0, 2, g, transposed, xbuf, tbuf, y,
+                                    mkl)
+            dWt, dbg = np.zeros((G, 3, 3, 2, 3), x.dtype), np.zeros((G, 3), x.dtype)
+            K._tap_backward_rows(x, Wk, run.x(y.shape), y, True, 1, 1, 0, 2, g, True, xbuf,
+                                 tbuf, run.x((6 * g * S,)), dWt, dbg, np.empty_like(x), mkl)
+            _pool.claim(np.zeros(1, np.int64))
+        if K._cblas.available:
+            run.attempt("kernels.conv per-tap rows", conv_tap_rows)
     if "rnn" in families:
         try:
             R = importlib.import_module("fastbp.kernels.rnn")

@@ -165,7 +165,10 @@ class _Worker:
                     while self.posted[0] <= taken:
                         self.cond.wait()
             taken += 1
-            self.jobs.popleft()()
+            try:
+                self.jobs.popleft()()
+            except BaseException:       # never lose the thread (the jobs catch their own)
+                pass
 
 
 _lock = threading.Lock()

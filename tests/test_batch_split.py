@@ -329,3 +329,24 @@ def test_claim_hands_out_every_number_once_across_threads():
         t.join()
     assert (got == 1).all()
     assert counter[0] >= n
+
+
+def test_a_job_that_raises_does_not_kill_its_pool_thread():
+    """A job escaping with an error (the pool's own jobs never do) leaves the thread alive
+    for the next calls."""
+    w = _pool._pool(1)[0]
+    ran = []
+
+    def bad():
+        raise RuntimeError("escaped")
+    w.submit(bad)
+    w.submit(lambda: ran.append(1))
+    for _ in range(2000):
+        if ran:
+            break
+        import time
+        time.sleep(0.001)
+    assert ran == [1] and w.thread.is_alive()
+    seen = []
+    _pool.run_items(seen.append, 10, 2)
+    assert sorted(seen) == list(range(10))

@@ -2,8 +2,8 @@
 
 ``Sequential(*layers)`` implements the layer protocol itself, so it nests. Its params and
 grads are lists with one entry per layer (a dict, or a list for a nested Sequential).
-A ``Dense`` or ``Conv2D`` followed by a ``ReLU`` is run as one fused kernel; the result is
-identical.
+A ``Dense`` or ``Conv2D`` followed by a ``ReLU`` is run as one fused kernel, and so is a
+``Conv2D`` (+ ``ReLU``) followed by a ``MaxPool2D``; the results are identical.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _mlp, _tree
 from ._validate import as_float_array
-from .layers import Conv2D, Dense, Layer, ReLU
+from .layers import Conv2D, Dense, Layer, MaxPool2D, ReLU
 
 __all__ = ["Sequential", "init", "forward", "backward", "predict", "count_params", "grad_norms"]
 
@@ -110,6 +110,16 @@ class Sequential(Layer):
         i, n = 0, len(layers)
         while i < n:
             layer = layers[i]
+            if type(layer) is Conv2D:
+                # Conv2D [→ ReLU] → MaxPool2D: pooled group by group as the conv computes
+                relu = i + 1 < n and type(layers[i + 1]) is ReLU
+                j = i + 1 + relu
+                if j < n and type(layers[j]) is MaxPool2D:
+                    x, cache = layer.forward(params[i], x, train=train, rng=rng, relu=relu,
+                                             pool=layers[j])
+                    caches += [cache] + [_FUSED] * (j - i)
+                    i = j + 1
+                    continue
             if type(layer) in _FUSES_RELU and i + 1 < n and type(layers[i + 1]) is ReLU:
                 x, cache = layer.forward(params[i], x, train=train, rng=rng, relu=True)
                 caches += [cache, _FUSED]
@@ -135,7 +145,7 @@ class Sequential(Layer):
         grads = [None] * len(self.layers)
         for i in range(len(self.layers) - 1, first - 1, -1):
             layer = self.layers[i]
-            if cache[i] is _FUSED:          # ReLU folded into the layer before it
+            if cache[i] is _FUSED:          # ReLU or MaxPool2D folded into the conv/dense before
                 grads[i] = {}
                 continue
             need_dx = input_grad or i > first

@@ -174,9 +174,15 @@ def _cells(run, families):
             G, mkl = -(-2 // g), _blas.mkl_one_thread_count()
             y = np.empty((2, 3, 6, 6), dtype=x.dtype)
             xbuf, tbuf = run.x((6 * g * S,)), run.x((3 * g * S,))
+            none, nidx = K._no_pool(x.dtype)
             for transposed in (False, True):
                 K._tap_forward_rows(x, Wk, b, 1, 1, True, 0, 2, g, transposed, xbuf, tbuf, y,
-                                    mkl)
+                                    mkl, K._NO_POOL, none, nidx)
+                for size in (2, 3):             # fused max pooling: the 2×2 kernel, another
+                    yp = np.empty((2, 3, 6 // size, 6 // size), dtype=x.dtype)
+                    K._tap_forward_rows(x, Wk, b, 1, 1, True, 0, 2, g, transposed, xbuf,
+                                        tbuf, y, mkl, np.full(4, size, np.int64), yp,
+                                        np.empty(yp.shape, np.int32))
             dWt, dbg = np.zeros((G, 3, 3, 2, 3), x.dtype), np.zeros((G, 3), x.dtype)
             K._tap_backward_rows(x, Wk, run.x(y.shape), y, True, 1, 1, 0, 2, g, True, xbuf,
                                  tbuf, run.x((6 * g * S,)), dWt, dbg, np.empty_like(x), mkl)

@@ -56,6 +56,7 @@ from numba import prange
 from .. import _blas, _cblas, _pool, config
 from .._cblas import dot
 from .._jit import dual, jit
+from . import pool as _pk
 
 # Algorithm choice, measured single-threaded on the 2-vCPU dev machine (asv_benchmarks/
 # benchmarks/conv.py): with stride 1 the flat direct forward beat im2col + GEMM 4x at C = 1,
@@ -673,9 +674,13 @@ def _tap_scatter(t, b, s, k, Wp, relu, y):
                         dst[j] = tile[j, f] + b0
 
 
+_max2_serial = _pk.max_forward_2x2.serial   # the fused max pooling, per group
+_max_serial = _pk.max_forward.serial
+
+
 @jit
 def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf, y,
-                     mkl_threads):
+                     mkl_threads, pool, yp, ip):
     """y[n0:n1] by per-kernel-row GEMMs, g samples at a time.
 
     x (N, C, H, W), Wk (KH, F, KW, C) = W transposed (Wk[p, f, q, c] = W[f, c, p, q]),
@@ -685,18 +690,24 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf,
     y[n,f,i,j] = b[f] + Σ_p,q Σ_c W[f,c,p,q]·xp[n,c,i+p,j+q], then max(·, 0) if ``relu``.
     ``mkl_threads``: 1 to run MKL's GEMMs on this thread alone (set here and restored), 0
     without MKL (``fastbp._blas.mkl_one_thread_count``).
+    Fused max pooling when ``yp`` is not empty: y is then a scratch (≥ g, F, OH, OW) that
+    holds one group, pooled right away into yp and ip (N, F, POH, POW) by windows
+    ``pool`` = (KH, KW, sh, sw) as ``fastbp.kernels.pool.max_forward``.
     """
     prev = _cblas.mkl_threads_enter(mkl_threads)
     _, C, H, Wd = x.shape
     KH, F, KW, _ = Wk.shape
-    OH = y.shape[2]
+    OH = H + 2 * ph - KH + 1
     Wp = Wd + 2 * pw
     Hp = H + 2 * ph
     R = KW * C
+    pooled = yp.shape[0] > 0
+    two = pool[0] == 2 and pool[1] == 2 and pool[2] == 2 and pool[3] == 2
     for s in range(n0, n1, g):
         k = min(g, n1 - s)
         T = Hp * k * Wp
         L = OH * k * Wp
+        ys = 0 if pooled else s                 # y's first sample for this group
         xs = xbuf[:R * T].reshape(R, T)
         _tap_pack(x, ph, pw, s, k, KW, xs)
         if transposed:
@@ -704,13 +715,19 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf,
             for p in range(KH):                 # tT (L×F) += xs windowᵀ · Wk[p]ᵀ
                 _cblas.gemm1(True, True, L, F, R, xs, p * k * Wp, T,
                             Wk, p * F * R, R, 0 if p == 0 else 1, tt, 0, F)
-            _tap_scatter(tt, b, s, k, Wp, relu, y)
+            _tap_scatter(tt, b, ys, k, Wp, relu, y)
         else:
             t = tbuf[:F * L].reshape(F, L)
             for p in range(KH):                 # t (F×L) += Wk[p] · xs window
                 _cblas.gemm1(False, False, F, L, R, Wk, p * F * R, R,
                             xs, p * k * Wp, T, 0 if p == 0 else 1, t, 0, L)
-            _to_nchw_serial(t, b, s, k, relu, k * Wp, Wp, y)
+            _to_nchw_serial(t, b, ys, k, relu, k * Wp, Wp, y)
+        if pooled:
+            if two:
+                _max2_serial(y[:k], yp[s:s + k], ip[s:s + k])
+            else:
+                _max_serial(y[:k], pool[0], pool[1], pool[2], pool[3], yp[s:s + k],
+                            ip[s:s + k])
     _cblas.mkl_threads_exit(prev)
 
 
@@ -802,7 +819,7 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
 # faster than one, and its backward 1.1-1.2x.
 @jit
 def _tap_forward_claimed(x, Wk, b, ph, pw, relu, g, transposed, xbuf, tbuf, y, mkl_threads,
-                         counter):
+                         pool, yp, ip, counter):
     """``_tap_forward_rows`` over groups of g samples claimed one at a time from ``counter``
     (``fastbp._pool.claim``; group i is samples i·g .. min(N, i·g + g) − 1)."""
     N = x.shape[0]
@@ -812,7 +829,7 @@ def _tap_forward_claimed(x, Wk, b, ph, pw, relu, g, transposed, xbuf, tbuf, y, m
         if i >= G:
             return
         _tap_forward_rows(x, Wk, b, ph, pw, relu, i * g, min(N, i * g + g), g, transposed,
-                          xbuf, tbuf, y, mkl_threads)
+                          xbuf, tbuf, y, mkl_threads, pool, yp, ip)
 
 
 @jit
@@ -916,23 +933,40 @@ def _tap_threads(N, macs):
     return k if k >= 2 and macs >= SPLIT_MACS else 1
 
 
-def _tap_forward(x, W, b, ph, pw, relu, y):
+_NO_POOL = np.zeros(4, np.int64)
+
+
+def _no_pool(dtype):
+    """Stand-ins for the fused pooling arguments of the tap kernels (no pooling)."""
+    return np.empty((0, 1, 1, 1), dtype), np.empty((0, 1, 1, 1), np.int32)
+
+
+def _tap_forward(x, W, b, ph, pw, relu, y, pool=None):
+    """y = conv(x) (+ ReLU) by the per-tap GEMMs. With ``pool = (windows, yp, ip)`` (windows
+    an int64 array (KH, KW, sh, sw)), y is None and the output is max-pooled group by
+    group into yp and ip instead (y then lives in a per-thread scratch of one group)."""
     N, C, H, Wd = x.shape
     F, _, KH, KW = W.shape
-    OH, OW = y.shape[2], y.shape[3]
+    OH, OW = H + 2 * ph - KH + 1, Wd + 2 * pw - KW + 1
     S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
     Wk = np.ascontiguousarray(W.transpose(2, 0, 3, 1))
     threads = _tap_threads(N, N * F * OH * OW * C * KH * KW)
     transposed = KW * C >= TAP_T_MIN_K
+    if pool is None:
+        windows, (yp, ip) = _NO_POOL, _no_pool(x.dtype)
+    else:
+        windows, yp, ip = pool
 
     counter = np.zeros(1, np.int64)
 
     def drain(_):
         xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
         tbuf = _workspace("tap_t", F * g * S, x.dtype)
+        yy = y if pool is None else \
+            _workspace("tap_y", g * F * OH * OW, x.dtype).reshape(g, F, OH, OW)
         _blas.threads_for(0)            # OpenBLAS: one thread (the thin GEMMs)
-        _tap_forward_claimed(x, Wk, b, ph, pw, relu, g, transposed, xbuf, tbuf, y,
-                             _blas.mkl_one_thread_count(), counter)
+        _tap_forward_claimed(x, Wk, b, ph, pw, relu, g, transposed, xbuf, tbuf, yy,
+                             _blas.mkl_one_thread_count(), windows, yp, ip, counter)
     # every thread claims groups until none are left: balanced, and a thread that starts
     # late finds less (or nothing) to do
     _pool.run_items(drain, threads, threads)
@@ -1160,3 +1194,67 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
     if flipped:
         _flipped_dx_gemm(dy, y, W, ph, pw, dx)
     return dx, dW, db
+
+
+# ---------------------------------------------------------------------------- fused pooling
+def _pool_windows(size, stride):
+    KH, KW = _pair(size)
+    sh, sw = _pair(size if stride is None else stride)
+    return np.array([KH, KW, sh, sw], np.int64)
+
+
+def conv2d_maxpool_forward(x, W, b, stride=1, padding=0, relu=False, pool_size=2,
+                           pool_stride=None, method="auto"):
+    """Conv2D (then ReLU if ``relu``) then max pooling, in one pass where it can.
+
+    x, W, b, stride, padding, relu, method: as ``conv2d_forward``; pool_size, pool_stride:
+    the max pooling's window and stride (int or (h, w); the stride defaults to the size).
+    Returns ``(yp, idx)``, exactly ``fastbp.kernels.pool.maxpool2d_forward(y, pool_size,
+    pool_stride)`` of the convolution's output y (N, F, OH, OW): yp, idx (N, F, POH, POW)
+    with ``POH = (OH − KH)//sh + 1``. On the per-tap path each group of samples is pooled
+    as soon as it is computed, and y is never stored whole.
+    """
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    N, C, H, Wd = x.shape
+    F, _, KH, KW = W.shape
+    OH, OW = out_size(H, Wd, KH, KW, sh, sw, ph, pw)
+    windows = _pool_windows(pool_size, pool_stride)
+    POH, POW = _pk.out_size(OH, OW, *windows)
+    if method == "auto":
+        method = choose_method(C, (sh, sw), 2 * N * F * OH * OW * C * KH * KW)
+    if method != "tap" or N == 0 or F == 0 or POH < 1 or POW < 1 or \
+            not tap_usable(C, F, H, Wd, (sh, sw), (ph, pw), KW):
+        y = conv2d_forward(x, W, b, stride, padding, relu,
+                           "gemm" if method == "tap" else method)
+        return _pk.maxpool2d_forward(y, pool_size, pool_stride)
+    yp = np.empty((N, F, POH, POW), dtype=x.dtype)
+    idx = np.empty((N, F, POH, POW), dtype=np.int32)
+    _tap_forward(x, W, b, ph, pw, relu, None, (windows, yp, idx))
+    return yp, idx
+
+
+def conv2d_maxpool_backward(x, W, dyp, idx, yp, stride=1, padding=0, pool_size=2,
+                            pool_stride=None, has_bias=True, input_grad=True, relu=False,
+                            method="auto"):
+    """Backward of ``conv2d_maxpool_forward``: returns (dx, dW, db) as ``conv2d_backward``.
+
+    dyp (N, F, POH, POW) the gradient of the pooled output; idx and yp what the forward
+    returned. The convolution's output gradient is
+    ``dz = maxpool2d_backward(dyp ⊙ [yp > 0], idx)`` with ReLU (the mask is taken on the
+    pooled output: at a window's arg-max, y equals yp), else
+    ``maxpool2d_backward(dyp, idx)``; then ``conv2d_backward`` of dz without a mask. The
+    same numbers as the layers run one by one (there the full output gradient is masked
+    by [y > 0]). Building dz in the per-tap layout straight from dyp (a scatter) was
+    slower than this.
+    """
+    N, C, H, Wd = x.shape
+    F, _, KH, KW = W.shape
+    OH, OW = out_size(H, Wd, KH, KW, *_pair(stride), *_pair(padding))
+    dz = np.empty_like(dyp)
+    if relu:
+        relu_mask(dyp.reshape(-1), yp.reshape(-1), dz.reshape(-1), work=dyp.size)
+    else:
+        dz[...] = dyp
+    dy = _pk.maxpool2d_backward(dz, idx, (N, F, OH, OW))
+    return conv2d_backward(x, W, dy, stride, padding, has_bias, input_grad, None, method)

@@ -126,22 +126,43 @@ class Conv2D(Layer):
         return (x_shape[0], self.out_channels) + K.out_size(x_shape[2], x_shape[3], KH, KW,
                                                             sh, sw, ph, pw)
 
-    def forward(self, params, x, *, train=False, rng=None, relu=False):
-        """y = conv(x, W) + b (then max(y, 0) when ``relu``, fused). Returns (y, cache)."""
+    def forward(self, params, x, *, train=False, rng=None, relu=False, pool=None):
+        """y = conv(x, W) + b (then max(y, 0) when ``relu``, fused). Returns (y, cache).
+
+        ``pool``: a ``MaxPool2D`` layer applied to that output in the same pass (what a
+        ``Sequential`` does for Conv2D → [ReLU] → MaxPool2D); y is then the pooled output
+        (N, F, POH, POW), exactly ``pool.forward`` of the unpooled one, and ``backward``
+        takes the gradient of the pooled output.
+        """
         W, b = self._params(params)
         x = _check_nchw(self, x, self.in_channels)
         check_dtype(self, x, W.dtype)
-        self.output_shape(x.shape)
+        yshape = self.output_shape(x.shape)
+        if pool is not None:
+            if not isinstance(pool, MaxPool2D):
+                raise TypeError(f"{self}: pool must be a MaxPool2D layer, got {pool!r}")
+            pool.output_shape(yshape)           # the pool's own checks and messages
+            yp, idx = K.conv2d_maxpool_forward(x, W, b, self.stride, self.padding, relu,
+                                               pool.size, pool.stride)
+            return yp, (x, yp, idx, pool, relu)
         y = K.conv2d_forward(x, W, b, self.stride, self.padding, relu)
         return y, (x, y if relu else None)
 
     def backward(self, params, cache, dy, *, input_grad=True):
-        """(dx, {"W": dW, "b": db}) for the output gradient dy (N, F, OH, OW)."""
+        """(dx, {"W": dW, "b": db}) for the output gradient dy (N, F, OH, OW), or the pooled
+        output's gradient (N, F, POH, POW) after ``forward(..., pool=...)``."""
         W, b = self._params(params)
-        x, y = cache
-        dy = self._check_dy(dy, self.output_shape(x.shape), W.dtype)
-        dx, dW, db = K.conv2d_backward(x, W, np.ascontiguousarray(dy), self.stride,
-                                       self.padding, self.bias, input_grad, y)
+        if len(cache) == 5:                     # forward(..., pool=MaxPool2D(...))
+            x, yp, idx, pool, relu = cache
+            dy = pool._check_dy(dy, yp.shape, W.dtype)
+            dx, dW, db = K.conv2d_maxpool_backward(
+                x, W, np.ascontiguousarray(dy), idx, yp, self.stride, self.padding,
+                pool.size, pool.stride, self.bias, input_grad, relu)
+        else:
+            x, y = cache
+            dy = self._check_dy(dy, self.output_shape(x.shape), W.dtype)
+            dx, dW, db = K.conv2d_backward(x, W, np.ascontiguousarray(dy), self.stride,
+                                           self.padding, self.bias, input_grad, y)
         grads = {"W": dW, "b": db} if self.bias else {"W": dW}
         return dx, grads
 

@@ -185,7 +185,12 @@ def _cells(run, families):
                                         np.empty(yp.shape, np.int32))
             dWt, dbg = np.zeros((G, 3, 3, 2, 3), x.dtype), np.zeros((G, 3), x.dtype)
             K._tap_backward_rows(x, Wk, run.x(y.shape), y, True, 1, 1, 0, 2, g, True, xbuf,
-                                 tbuf, run.x((6 * g * S,)), dWt, dbg, np.empty_like(x), mkl)
+                                 tbuf, run.x((6 * g * S,)), dWt, dbg, np.empty_like(x), mkl,
+                                 nidx, none.reshape(-1))
+            yp = run.x((2, 3, 3, 3))            # behind a fused max pooling
+            K._tap_backward_rows(x, Wk, run.x(yp.shape), yp, True, 1, 1, 0, 2, g, True, xbuf,
+                                 tbuf, run.x((6 * g * S,)), dWt, dbg, np.empty_like(x), mkl,
+                                 np.zeros(yp.shape, np.int32), run.x((g * 3 * 36,)))
             _pool.claim(np.zeros(1, np.int64))
         if K._cblas.available:
             run.attempt("kernels.conv per-tap rows", conv_tap_rows)

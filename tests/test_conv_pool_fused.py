@@ -103,24 +103,27 @@ def test_fused_model_gradcheck(pool, rng):
 
 @pytest.mark.parametrize("group", [6000, 1 << 17])
 def test_tap_pooled_same_bits_on_one_and_two_threads(group, rng, monkeypatch):
-    """The pooling runs inside the split conv loop, group by group: the same bits on one
-    and two threads, with several groups and a short last one."""
+    """The pooling and unpooling run inside the split conv loops, group by group: the same
+    bits on one and two threads, with several groups and a short last one."""
     monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", group)
     x, W, b = _data(rng, 11, 2, 12, 5, 3, np.float32)
-    runs = []
+    y = K.conv2d_forward(x, W, b, 1, 0, True, "tap")
+    yp, idx = P.maxpool2d_forward(y, 2)
+    dyp = rng.standard_normal(yp.shape).astype(np.float32)
+    ref = (yp, idx) + K.conv2d_backward(x, W, P.maxpool2d_backward(dyp, idx, y.shape), 1, 0,
+                                        True, True, y, "tap")
     prev = fastbp.get_num_threads()
     try:
         for threads, split in ((1, 1 << 62), (2, 0)):
             fastbp.set_num_threads(threads)
             monkeypatch.setattr(K, "SPLIT_MACS", split)
-            runs.append(K.conv2d_maxpool_forward(x, W, b, 1, 0, True, 2, None, "tap"))
+            run = K.conv2d_maxpool_forward(x, W, b, 1, 0, True, 2, None, "tap")
+            run += K.conv2d_maxpool_backward(x, W, dyp, idx, yp, 1, 0, 2, None, True, True,
+                                             True, "tap")
+            for a, r in zip(run, ref):
+                np.testing.assert_array_equal(a, r)
     finally:
         fastbp.set_num_threads(prev)
-    y = K.conv2d_forward(x, W, b, 1, 0, True, "tap")
-    ref = P.maxpool2d_forward(y, 2)
-    for run in runs:
-        for a, r in zip(run, ref):
-            np.testing.assert_array_equal(a, r)
 
 
 def test_inputs_not_mutated(rng):

@@ -733,7 +733,7 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf,
 
 @jit
 def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
-                       xbuf, zbuf, dbuf, dWt, db, dx, mkl_threads):
+                       xbuf, zbuf, dbuf, dWt, db, dx, mkl_threads, pidx, dybuf):
     """Gradients of samples n0:n1 by per-kernel-row GEMMs, g samples at a time.
 
     x (N, C, H, W), Wk (KH, F, KW, C), dy and y (N, F, OH, OW) (y's values used only
@@ -745,11 +745,17 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
     ``input_grad`` writes dx[n0:n1] (N, C, H, W), the flipped-kernel correlation of dz in
     its scatter form. xbuf, zbuf, dbuf: flat scratch of at least KW·C·g·S, F·g·S and
     KW·C·g·S entries (S = Hp·Wp). ``mkl_threads``: as in ``_tap_forward_rows``.
+    Behind a fused max pooling (``pidx`` not empty): dy, y and pidx are the pooled
+    gradient, output and arg-max (N, F, POH, POW); each group's output gradient is first
+    rebuilt in ``dybuf`` (≥ g·F·OH·OW entries) by ``max_backward_planes``, masked by
+    [y > 0] when ``relu`` (the same numbers as max-pool backward, then the mask on the
+    full output).
     """
     prev = _cblas.mkl_threads_enter(mkl_threads)
     _, C, H, Wd = x.shape
     KH, F, KW, _ = Wk.shape
-    OH, OW = dy.shape[2], dy.shape[3]
+    OH = H + 2 * ph - KH + 1
+    OW = Wd + 2 * pw - KW + 1
     Wp = Wd + 2 * pw
     Hp = H + 2 * ph
     R = KW * C
@@ -757,6 +763,12 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
     has_bias = db.shape[1] > 0
     block = KH * R * F                          # one group's dWt entries
     acc = np.zeros(OW, dtype=dy.dtype)
+    pooled = pidx.shape[0] > 0
+    mask = relu and not pooled                  # pooled: masked while unpooling
+    N, Q = dy.shape[0], dy.shape[2] * dy.shape[3]
+    dyq = dy.reshape(N * F, Q)
+    yq = y.reshape(N * F, Q)
+    iq = pidx.reshape(pidx.shape[0] * pidx.shape[1], pidx.shape[2] * pidx.shape[3])
     for s in range(n0, n1, g):
         k = min(g, n1 - s)
         gi = s // g
@@ -765,17 +777,23 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
         xs = xbuf[:R * T].reshape(R, T)
         zg = zbuf[:F * L].reshape(F, L)
         _tap_pack(x, ph, pw, s, k, KW, xs)
+        dv, yv, s0 = dy, y, s
+        if pooled:
+            w = dybuf[:k * F * OH * OW]
+            _pk.max_backward_planes(dyq, yq, iq, relu, s * F, w.reshape(k * F, OH * OW))
+            dv = w.reshape(k, F, OH, OW)
+            yv, s0 = dv, 0
         for f in range(F):
             row = zg[f]
             acc[:] = zero
             for i in range(OH):
                 for kk in range(k):
                     o = (i * k + kk) * Wp
-                    src = dy[s + kk, f, i]
+                    src = dv[s0 + kk, f, i]
                     dst = row[o:o + OW]
-                    ys = y[s + kk, f, i]    # unconditionally: see VIEWS_IN_BRANCHES
+                    ys = yv[s0 + kk, f, i]  # unconditionally: see VIEWS_IN_BRANCHES
                     for j in range(OW):
-                        dst[j] = src[j] if (ys[j] > zero or not relu) else zero
+                        dst[j] = src[j] if (ys[j] > zero or not mask) else zero
                     for j in range(OW):
                         acc[j] += dst[j]
                     junk = row[o + OW:o + Wp]
@@ -834,7 +852,7 @@ def _tap_forward_claimed(x, Wk, b, ph, pw, relu, g, transposed, xbuf, tbuf, y, m
 
 @jit
 def _tap_backward_claimed(x, Wk, dy, y, relu, ph, pw, g, input_grad, xbuf, zbuf, dbuf,
-                          dWt, db, dx, mkl_threads, counter):
+                          dWt, db, dx, mkl_threads, pidx, dybuf, counter):
     """``_tap_backward_rows`` over groups of g samples claimed from ``counter``, as in
     ``_tap_forward_claimed``."""
     N = x.shape[0]
@@ -844,7 +862,8 @@ def _tap_backward_claimed(x, Wk, dy, y, relu, ph, pw, g, input_grad, xbuf, zbuf,
         if i >= G:
             return
         _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, i * g, min(N, i * g + g), g,
-                           input_grad, xbuf, zbuf, dbuf, dWt, db, dx, mkl_threads)
+                           input_grad, xbuf, zbuf, dbuf, dWt, db, dx, mkl_threads, pidx,
+                           dybuf)
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -972,15 +991,21 @@ def _tap_forward(x, W, b, ph, pw, relu, y, pool=None):
     _pool.run_items(drain, threads, threads)
 
 
-def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
+def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx, pidx=None):
+    """dW, db (and dx when ``input_grad``) by the per-tap GEMMs; dz = dy ⊙ [y > 0] when y is
+    given, else dy. With ``pidx`` (the arg-max of a fused max pooling), dy and y are the
+    pooled gradient and output (see ``_tap_backward_rows``)."""
     N, C, H, Wd = x.shape
     F, _, KH, KW = W.shape
-    OH, OW = dy.shape[2], dy.shape[3]
+    OH, OW = H + 2 * ph - KH + 1, Wd + 2 * pw - KW + 1
     S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
     Wk = np.ascontiguousarray(W.transpose(2, 0, 3, 1))
     relu = y is not None
     yy = y if relu else dy
     dxo = dx if input_grad else np.empty((0, 1, 1, 1), dtype=x.dtype)
+    pooled = pidx is not None
+    if not pooled:
+        pidx = _no_pool(x.dtype)[1]
     G = -(-N // g)
     # per-group partials, summed in group order below: the same numbers whichever thread
     # ran a group, and for any thread count
@@ -994,9 +1019,11 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx):
         xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
         zbuf = _workspace("tap_t", F * g * S, x.dtype)
         dbuf = _workspace("tap_d", KW * C * g * S if input_grad else 0, x.dtype)
+        dybuf = _workspace("tap_y", g * F * OH * OW if pooled else 0, x.dtype)
         _blas.threads_for(0)            # OpenBLAS: one thread (the thin GEMMs)
         _tap_backward_claimed(x, Wk, dy, yy, relu, ph, pw, g, input_grad, xbuf, zbuf, dbuf,
-                              dWt, dbg, dxo, _blas.mkl_one_thread_count(), counter)
+                              dWt, dbg, dxo, _blas.mkl_one_thread_count(), pidx, dybuf,
+                              counter)
     _pool.run_items(drain, threads, threads)    # as in _tap_forward
     dW[...] = _sum_groups(dWt).transpose(3, 2, 0, 1)
     db[...] = _sum_groups(dbg)
@@ -1245,12 +1272,26 @@ def conv2d_maxpool_backward(x, W, dyp, idx, yp, stride=1, padding=0, pool_size=2
     pooled output: at a window's arg-max, y equals yp), else
     ``maxpool2d_backward(dyp, idx)``; then ``conv2d_backward`` of dz without a mask. The
     same numbers as the layers run one by one (there the full output gradient is masked
-    by [y > 0]). Building dz in the per-tap layout straight from dyp (a scatter) was
-    slower than this.
+    by [y > 0]). On the per-tap path dz is rebuilt group by group inside the split loop
+    (the full (N, F, OH, OW) gradient never exists); scattering dyp straight into the
+    GEMM layout instead (the arg-max row and column per window) was slower.
     """
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
     N, C, H, Wd = x.shape
     F, _, KH, KW = W.shape
-    OH, OW = out_size(H, Wd, KH, KW, *_pair(stride), *_pair(padding))
+    OH, OW = out_size(H, Wd, KH, KW, sh, sw, ph, pw)
+    dtype = x.dtype
+    if method == "auto":
+        method = choose_backward(C, (sh, sw), 2 * N * F * OH * OW * C * KH * KW,
+                                 input_grad)[0]
+    if method == "tap" and N > 0 and F > 0 and \
+            tap_usable(C, F, H, Wd, (sh, sw), (ph, pw), KW):
+        dW = np.zeros((F, C, KH, KW), dtype=dtype)
+        db = np.zeros(F if has_bias else 0, dtype=dtype)
+        dx = np.empty((N, C, H, Wd), dtype=dtype) if input_grad else None
+        _tap_backward(x, W, dyp, yp if relu else None, ph, pw, input_grad, dW, db, dx, idx)
+        return dx, dW, db
     dz = np.empty_like(dyp)
     if relu:
         relu_mask(dyp.reshape(-1), yp.reshape(-1), dz.reshape(-1), work=dyp.size)

@@ -191,6 +191,9 @@ def _cells(run, families):
             K._tap_backward_rows(x, Wk, run.x(yp.shape), yp, True, 1, 1, 0, 2, g, True, xbuf,
                                  tbuf, run.x((6 * g * S,)), dWt, dbg, np.empty_like(x), mkl,
                                  np.zeros(yp.shape, np.int32), run.x((g * 3 * 36,)))
+            q = yp.reshape(6, 9)                # reached from compiled code only
+            K._pk.max_backward_planes(q, q, np.zeros(q.shape, np.int32), True, 0,
+                                      run.x((6, 36)))
             _pool.claim(np.zeros(1, np.int64))
         if K._cblas.available:
             run.attempt("kernels.conv per-tap rows", conv_tap_rows)

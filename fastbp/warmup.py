@@ -186,14 +186,14 @@ def _cells(run, families):
             dWt, dbg = np.zeros((G, 3, 3, 2, 3), x.dtype), np.zeros((G, 3), x.dtype)
             K._tap_backward_rows(x, Wk, run.x(y.shape), y, True, 1, 1, 0, 2, g, True, xbuf,
                                  tbuf, run.x((6 * g * S,)), dWt, dbg, np.empty_like(x), mkl,
-                                 nidx, none.reshape(-1))
+                                 nidx)
             yp = run.x((2, 3, 3, 3))            # behind a fused max pooling
             K._tap_backward_rows(x, Wk, run.x(yp.shape), yp, True, 1, 1, 0, 2, g, True, xbuf,
                                  tbuf, run.x((6 * g * S,)), dWt, dbg, np.empty_like(x), mkl,
-                                 np.zeros(yp.shape, np.int32), run.x((g * 3 * 36,)))
+                                 np.zeros(yp.shape, np.int32))
             q = yp.reshape(6, 9)                # reached from compiled code only
-            K._pk.max_backward_planes(q, q, np.zeros(q.shape, np.int32), True, 0,
-                                      run.x((6, 36)))
+            K._dz_pooled(q, q, np.zeros(q.shape, np.int32), True, 0, 2, 8, 6, 6,
+                         run.x((3, 96)), run.x((6,)), dbg, 0)
             _pool.claim(np.zeros(1, np.int64))
         if K._cblas.available:
             run.attempt("kernels.conv per-tap rows", conv_tap_rows)

@@ -141,24 +141,6 @@ def max_backward(dy, idx, dx):
             plane[a[u]] += g[u]
 
 
-@jit
-def max_backward_planes(dy, y, idx, relu, p0, out):
-    """``max_backward`` of planes p0 .. p0+m−1 into a scratch, for the fused conv backward:
-    out[t, idx[p0+t, u]] += dy[p0+t, u] ⊙ [y[p0+t, u] > 0] (the mask only when ``relu``;
-    the pooled output y equals the ReLU output at the arg-max), zero elsewhere.
-    dy, y, idx (P, POH·POW); out (m, H·W). Serial: called inside the conv's split loop."""
-    zero = out.dtype.type(0)
-    for t in range(out.shape[0]):
-        plane = out[t]
-        for v in range(plane.shape[0]):
-            plane[v] = zero
-        g = dy[p0 + t]
-        yv = y[p0 + t]
-        a = idx[p0 + t]
-        for u in range(g.shape[0]):
-            plane[a[u]] += g[u] if (yv[u] > zero or not relu) else zero
-
-
 @dual("pool")
 def max_forward_2x2(x, y, idx):
     """Max pooling forward for the common 2×2 window with stride 2 (same result as

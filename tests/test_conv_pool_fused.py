@@ -60,7 +60,8 @@ def _layer_by_layer(model, params, x, dy):
     return x, dy, grads
 
 
-@pytest.mark.parametrize("conv", [dict(), dict(stride=2), dict(padding=1)], ids=str)
+@pytest.mark.parametrize("conv", [dict(), dict(stride=2), dict(padding=1), dict(bias=False)],
+                         ids=str)
 @pytest.mark.parametrize("pool", POOLS, ids=str)
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -86,6 +87,10 @@ def test_sequential_fuses_and_matches_layer_by_layer(conv, pool, relu, dtype, rn
         assert a.dtype == dtype
         np.testing.assert_array_equal(a, b)
     assert np.isnan(y).any() and not np.isnan(y).all()
+    none, grads2 = fastbp.backward(model, params, cache, dy, input_grad=False)
+    assert none is None
+    for a, b in zip(fastbp._tree.leaves(grads2), fastbp._tree.leaves(g_ref)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("pool", POOLS, ids=str)

@@ -57,7 +57,8 @@ def cmd_info(args):
                                        if "OPENBLAS_THREAD_TIMEOUT" in config.SET_BY_FASTBP
                                        else "FASTBP_ENV_DEFAULTS=0)")),
         ("malloc", _malloc.state),
-        ("cache dir", f"{config.CACHE_DIR or '-'} ({config.CACHE_SOURCE})"),
+        ("cache dir", f"{config.CACHE_DIR or '-'} ({config.CACHE_SOURCE}; "
+                      f"{config.STALE_KERNELS_DROPPED} stale kernels dropped at import)"),
     ]
     for k, v in rows:
         print(f"{k:<24} {v}")

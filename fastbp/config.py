@@ -174,6 +174,88 @@ def _choose_cache():
 CACHE_DIR, CACHE_SOURCE = _choose_cache()
 CACHE_ENABLED = CACHE_DIR is not None
 
+# Numba checks a cached kernel against its own source file only. A kernel that calls or
+# inlines compiled code from another file (conv.py's split loops call pool.py's kernels
+# and _pool.claim, every GEMM goes through _cblas.py's overloads) would keep the old
+# callee after that file changed. So the cache carries a stamp: a hash of every file that
+# holds compiled code, and when it differs fastbp drops its own cached kernels (they
+# recompile on first use).
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+COMPILED_SOURCES = ["_cblas.py", "_jit.py", "_pool.py", "kernels"]   # a directory: its *.py
+STAMP_NAME = "fastbp-sources.stamp"
+
+
+def sources_fingerprint(pkg_dir=_PKG_DIR, names=None) -> str:
+    """SHA-1 over the names and contents of the files that hold compiled code."""
+    import hashlib
+    h = hashlib.sha1()
+    for name in names if names is not None else COMPILED_SOURCES:
+        path = os.path.join(pkg_dir, name)
+        files = sorted(f for f in os.listdir(path) if f.endswith(".py")) \
+            if os.path.isdir(path) else [""]
+        for f in files:
+            full = os.path.join(path, f) if f else path
+            h.update(os.path.relpath(full, pkg_dir).encode())
+            with open(full, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def cache_dirs(cache_dir=None, source=None) -> list:
+    """The directories where Numba keeps fastbp's cached kernels: the package's
+    ``__pycache__`` folders in-tree, else the subfolders Numba names after the package's
+    source folders under the cache directory."""
+    cache_dir = CACHE_DIR if cache_dir is None else cache_dir
+    source = CACHE_SOURCE if source is None else source
+    if cache_dir is None:
+        return []
+    if source == "in-tree":
+        return [os.path.join(_PKG_DIR, "__pycache__"), os.path.join(_KERNEL_DIR, "__pycache__")]
+    from numba.core.caching import _CacheLocator
+    return [os.path.join(cache_dir, _CacheLocator.get_suitable_cache_subpath(
+        os.path.join(d, "x.py"))) for d in (_PKG_DIR, _KERNEL_DIR)]
+
+
+def drop_stale_cache(dirs=None, fingerprint=None) -> int:
+    """Delete fastbp's cached kernels (``*.nbi``/``*.nbc`` in ``dirs``) when the stamp in
+    the last of them differs from ``fingerprint``; then write the stamp. Returns the
+    number of files deleted (0 when the stamp matched). Never raises for I/O problems: a
+    cache that cannot be cleaned is left as it is."""
+    dirs = cache_dirs() if dirs is None else dirs
+    if not dirs:
+        return 0
+    try:
+        fingerprint = fingerprint or sources_fingerprint()
+        stamp = os.path.join(dirs[-1], STAMP_NAME)
+        try:
+            with open(stamp) as fh:
+                if fh.read().strip() == fingerprint:
+                    return 0
+        except OSError:
+            pass
+        removed = 0
+        for d in dirs:
+            if not os.path.isdir(d):
+                continue
+            for f in os.listdir(d):
+                if f.endswith((".nbi", ".nbc")):
+                    try:
+                        os.remove(os.path.join(d, f))
+                        removed += 1
+                    except OSError:
+                        pass
+        os.makedirs(dirs[-1], exist_ok=True)
+        tmp = f"{stamp}.{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.write(fingerprint + "\n")
+        os.replace(tmp, stamp)
+        return removed
+    except OSError:
+        return 0
+
+
+STALE_KERNELS_DROPPED = drop_stale_cache() if CACHE_ENABLED else 0
+
 # --- serial / parallel dispatch --------------------------------------------------------
 # Work thresholds, in the work units each kernel passes to ``work=`` (roughly scalar
 # operations), at or above which a kernel family runs its parallel compilation.

@@ -232,3 +232,75 @@ def test_env_defaults_off_leaves_the_libraries_alone():
     p = run_py(code, FASTBP_MKL="0")
     assert json.loads(p.stdout.strip().splitlines()[-1]) == \
         ["PASSIVE", "20", ["OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT"]]
+
+
+# ---------------------------------------------------------------- the cache stamp
+def test_sources_fingerprint_follows_every_compiled_file(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "kernels" / "k.py").write_text("y = 2\n")
+    (tmp_path / "kernels" / "notes.txt").write_text("not code\n")
+    names = ["a.py", "kernels"]
+    fp = config.sources_fingerprint(str(tmp_path), names)
+    assert fp == config.sources_fingerprint(str(tmp_path), names)
+    (tmp_path / "kernels" / "notes.txt").write_text("changed\n")
+    assert fp == config.sources_fingerprint(str(tmp_path), names)      # only *.py counts
+    (tmp_path / "kernels" / "k.py").write_text("y = 3\n")
+    fp2 = config.sources_fingerprint(str(tmp_path), names)
+    assert fp2 != fp
+    (tmp_path / "kernels" / "new.py").write_text("")
+    assert config.sources_fingerprint(str(tmp_path), names) != fp2
+    # the package's own list covers the files that hold compiled code
+    assert "kernels" in config.COMPILED_SOURCES and "_cblas.py" in config.COMPILED_SOURCES
+
+
+def test_drop_stale_cache_only_when_the_stamp_differs(tmp_path):
+    d1, d2 = tmp_path / "pkg", tmp_path / "kernels"
+    for d in (d1, d2):
+        d.mkdir()
+        (d / "f-1.py311.nbi").write_text("")
+        (d / "f-1.py311.1.nbc").write_text("")
+        (d / "keep.pyc").write_text("")
+    dirs = [str(d1), str(d2)]
+    assert config.drop_stale_cache(dirs, "aaa") == 4        # no stamp yet: dropped
+    assert sorted(os.listdir(d1)) == ["keep.pyc"]
+    assert (d2 / config.STAMP_NAME).read_text().strip() == "aaa"
+    (d1 / "g-2.py311.nbi").write_text("")
+    assert config.drop_stale_cache(dirs, "aaa") == 0        # same sources: kept
+    assert (d1 / "g-2.py311.nbi").exists()
+    assert config.drop_stale_cache(dirs, "bbb") == 1        # a source changed: dropped
+    assert not (d1 / "g-2.py311.nbi").exists() and (d1 / "keep.pyc").exists()
+    assert (d2 / config.STAMP_NAME).read_text().strip() == "bbb"
+    assert config.drop_stale_cache([], "ccc") == 0
+
+
+def test_cache_dirs_follow_numba_locators(tmp_path):
+    pkg = os.path.dirname(os.path.abspath(fastbp.__file__))
+    assert config.cache_dirs(str(tmp_path), "in-tree") == [
+        os.path.join(pkg, "__pycache__"), os.path.join(pkg, "kernels", "__pycache__")]
+    dirs = config.cache_dirs(str(tmp_path), "NUMBA_CACHE_DIR")
+    assert [os.path.dirname(d) for d in dirs] == [str(tmp_path)] * 2
+    assert os.path.basename(dirs[0]).startswith("fastbp_")
+    assert os.path.basename(dirs[1]).startswith("kernels_")
+
+
+def test_stale_kernels_dropped_in_a_fresh_process(tmp_path):
+    """With a NUMBA_CACHE_DIR and a stamp that does not match, importing fastbp drops
+    fastbp's cached kernels there and stamps the cache."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    code = ("import json, fastbp.config as c; "
+            "print(json.dumps([c.STALE_KERNELS_DROPPED, c.cache_dirs()]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True)
+    _, dirs = json.loads(out.stdout.strip().splitlines()[-1])
+    stamp = os.path.join(dirs[-1], config.STAMP_NAME)
+    assert open(stamp).read().strip() == config.sources_fingerprint()
+    os.makedirs(dirs[0], exist_ok=True)
+    stale = os.path.join(dirs[0], "_cblas.gemm-1.py311.nbi")
+    open(stale, "w").close()
+    open(stamp, "w").write("old\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])[0] == 1
+    assert not os.path.exists(stale)
+    assert open(stamp).read().strip() == config.sources_fingerprint()

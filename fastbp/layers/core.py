@@ -12,6 +12,7 @@ a backward pass needs travels in ``cache``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -410,11 +411,11 @@ class Flatten(Layer):
         if x.ndim < 2:
             raise ValueError(f"{self}: expected input (N, ...) with ndim >= 2, got {x.shape}")
         # explicit size: reshape(N, -1) fails when N == 0
-        return x.reshape(x.shape[0], int(np.prod(x.shape[1:]))), (x.shape, x.dtype)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:])), (x.shape, x.dtype)
 
     def backward(self, params, cache, dy, *, input_grad=True):
         shape, dtype = cache
         if not input_grad:
             return None, {}
-        dy = self._check_dy(dy, (shape[0], int(np.prod(shape[1:]))), dtype)
+        dy = self._check_dy(dy, (shape[0], math.prod(shape[1:])), dtype)
         return dy.reshape(shape), {}

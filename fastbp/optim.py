@@ -267,6 +267,15 @@ def _walk(p, os, nout, by_dt):
     return None
 
 
+def _same_float(dt, other):
+    """The canonical float32/float64 dtype for ``other`` when it is one and ``dt`` is None
+    or equal to it, else None. (Arrays made in compiled code have dtypes that are equal to
+    NumPy's, not the same objects: an identity test alone sent a cnn_lenet update, whose
+    Dense gradients come from a kernel, down the slow general walk.)"""
+    c = _F32 if other == _F32 else _F64 if other == _F64 else None
+    return c if dt is None or dt is c else None
+
+
 def _walk_layers_sgd(p, g):
     """``_walk_layers(p, [g], 1)`` for plain SGD (no buffers, one output), with the loops
     over buffers and outputs unrolled (its checks repeat ``_walk_layers``'s on purpose: a
@@ -290,14 +299,12 @@ def _walk_layers_sgd(p, g):
             if type(a) is not ndarray or type(b) is not ndarray:
                 return None
             if a.dtype is not dt:
-                if dt is not None:
-                    return None
-                dt = a.dtype
-                if dt is not _F32 and dt is not _F64:
+                dt = _same_float(dt, a.dtype)
+                if dt is None:
                     return None
             shape = a.shape
-            if b.dtype is not dt or b.shape != shape:
-                return None
+            if (b.dtype is not dt and b.dtype != dt) or b.shape != shape:
+                return None     # (arrays made in compiled code have equal, not identical, dtypes)
             f = a.flags
             if not (f.c_contiguous and f.writeable):
                 return None
@@ -349,10 +356,8 @@ def _walk_layers(p, os, nout):
             if type(a) is not ndarray:
                 return None
             if a.dtype is not dt:
-                if dt is not None:
-                    return None
-                dt = a.dtype
-                if dt is not _F32 and dt is not _F64:
+                dt = _same_float(dt, a.dtype)
+                if dt is None:
                     return None
             f = a.flags
             if not (f.c_contiguous and f.writeable):
@@ -362,7 +367,8 @@ def _walk_layers(p, os, nout):
             c = 1
             for od in ods:
                 b = od.get(k)
-                if type(b) is not ndarray or b.dtype is not dt or b.shape != shape:
+                if type(b) is not ndarray or (b.dtype is not dt and b.dtype != dt) or \
+                        b.shape != shape:
                     return None
                 f = b.flags
                 if not (f.c_contiguous and f.writeable):

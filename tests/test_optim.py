@@ -257,6 +257,35 @@ def test_layer_trees_take_the_fast_walk(monkeypatch, name, tname, kw, container)
                 assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("name,tname,kw", CASES[:1] + [c for c in CASES if c[0] == "adam"][:1],
+                         ids=lambda v: str(v)[:20])
+def test_fast_walk_takes_arrays_made_in_compiled_code(monkeypatch, name, tname, kw):
+    """Arrays allocated inside cached Numba code (a Dense layer's gradients) have a dtype
+    equal to NumPy's float32 but not the same object (unpickled with the kernel): they
+    still take the fast walk."""
+    import pickle
+    f32 = pickle.loads(pickle.dumps(np.dtype(np.float32)))     # such a dtype object
+
+    def copy(a):
+        return a.view(f32).copy()
+    params = layer_tree(np.float32, 0)
+    grads = [[{k: copy(v) for k, v in d.items()} for d in layer_tree(np.float32, s)]
+             for s in (1, 2)]
+    assert any(g.dtype is not np.dtype(np.float32) for g in _tree.leaves(grads[0]))
+    ref, _ = run(getattr(O, name)(**kw), {"net": params}, [{"net": g} for g in grads])
+
+    def no_walk(*a):
+        raise AssertionError("the general _walk ran on a layer tree")
+    monkeypatch.setattr(O, "_walk", no_walk)
+    new, _ = run(getattr(O, name)(**kw), params, grads)
+    for a, b in zip(_tree.leaves(new), _tree.leaves(ref["net"])):
+        assert a.dtype == np.float32 and np.array_equal(a, b)
+    mixed = [dict(d) for d in grads[0]]
+    mixed[0]["W"] = mixed[0]["W"].astype(np.float64)      # still refused by the fast walk
+    assert O._walk_layers_sgd(params, mixed) is None
+    assert O._walk_layers(params, [mixed], 1) is None
+
+
 @pytest.mark.parametrize("opt,name", [(O.sgd(0.1), "sgd"), (O.adam(), "adam")])
 def test_layer_tree_irregularities_fall_back(opt, name):
     """What the fast walk does not take goes to the general walk: the same results, or

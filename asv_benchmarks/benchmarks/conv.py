@@ -121,3 +121,47 @@ class ConvDispatch:
 
     def time_im2col_parallel(self, work, dtype):
         K.im2col.parallel(self.x, 0, 3, 3, 1, 1, 1, 1, 8, 8, self.cols)
+
+
+class ConvReluMaxPool:
+    """Conv2D → ReLU → MaxPool2D(2) on the CNN shapes: fused (``conv2d_maxpool_forward/
+    _backward``, what a ``Sequential`` runs) against the three kernels one after another
+    (conv with ReLU, max pool; max-pool backward, conv backward with the ReLU mask)."""
+    params = smoke((["lenet_conv1", "lenet_conv2", "cifar_conv2"], ["fused", "separate"]))
+    param_names = ["shape", "path"]
+    timeout = 300
+
+    def setup(self, shape, path):
+        from fastbp.kernels import pool as P
+        self.P = P
+        self.x, self.W, self.b, self.s, self.p = _setup(shape, "float32")
+        y = K.conv2d_forward(self.x, self.W, self.b, self.s, self.p, True)
+        self.yshape = y.shape
+        self.yp, self.idx = P.maxpool2d_forward(y, 2)
+        self.y = y
+        self.dyp = np.ones_like(self.yp)
+        self.forward = self._fused_fwd if path == "fused" else self._separate_fwd
+        self.backward = self._fused_bwd if path == "fused" else self._separate_bwd
+        self.forward()                      # warm the JIT
+        self.backward()
+
+    def _fused_fwd(self):
+        return K.conv2d_maxpool_forward(self.x, self.W, self.b, self.s, self.p, True, 2)
+
+    def _separate_fwd(self):
+        y = K.conv2d_forward(self.x, self.W, self.b, self.s, self.p, True)
+        return self.P.maxpool2d_forward(y, 2)
+
+    def _fused_bwd(self):
+        return K.conv2d_maxpool_backward(self.x, self.W, self.dyp, self.idx, self.yp, self.s,
+                                         self.p, 2, None, True, True, True)
+
+    def _separate_bwd(self):
+        dy = self.P.maxpool2d_backward(self.dyp, self.idx, self.yshape)
+        return K.conv2d_backward(self.x, self.W, dy, self.s, self.p, True, True, self.y)
+
+    def time_forward(self, shape, path):
+        self.forward()
+
+    def time_backward(self, shape, path):
+        self.backward()

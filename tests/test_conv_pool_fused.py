@@ -185,3 +185,24 @@ def test_matches_torch(rng):
     for got, name in ((grads[0]["W"], "W0"), (grads[0]["b"], "b0"), (grads[3]["W"], "W3"),
                       (grads[3]["b"], "b3")):
         np.testing.assert_allclose(got, t[name].grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_tap_kernels_take_non_contiguous_gradients(rng):
+    """The tap backward flattens gradient planes: a Fortran-ordered dy (or pooled dyp)
+    gives the same result as a C-ordered one."""
+    x, W, b = _data(rng, 4, 2, 9, 3, 3, np.float64)
+    y = K.conv2d_forward(x, W, b, 1, 0, True, "tap")
+    dy = rng.standard_normal(y.shape)
+    ref = K.conv2d_backward(x, W, dy, 1, 0, True, True, y, "tap")
+    got = K.conv2d_backward(x, W, np.asfortranarray(dy), 1, 0, True, True,
+                            np.asfortranarray(y), "tap")
+    for a, r in zip(got, ref):
+        np.testing.assert_array_equal(a, r)
+    yp, idx = K.conv2d_maxpool_forward(x, W, b, 1, 0, True, 2, None, "tap")
+    dyp = rng.standard_normal(yp.shape)
+    ref = K.conv2d_maxpool_backward(x, W, dyp, idx, yp, 1, 0, 2, None, True, True, True, "tap")
+    got = K.conv2d_maxpool_backward(x, W, np.asfortranarray(dyp), np.asfortranarray(idx),
+                                    np.asfortranarray(yp), 1, 0, 2, None, True, True, True,
+                                    "tap")
+    for a, r in zip(got, ref):
+        np.testing.assert_array_equal(a, r)

@@ -1040,11 +1040,11 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx, pidx=None):
     S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
     Wk = np.ascontiguousarray(W.transpose(2, 0, 3, 1))
     relu = y is not None
-    yy = y if relu else dy
+    dy = np.ascontiguousarray(dy)               # the kernel flattens planes (no copy if C)
+    yy = np.ascontiguousarray(y) if relu else dy
     dxo = dx if input_grad else np.empty((0, 1, 1, 1), dtype=x.dtype)
     pooled = pidx is not None
-    if not pooled:
-        pidx = _no_pool(x.dtype)[1]
+    pidx = _no_pool(x.dtype)[1] if not pooled else np.ascontiguousarray(pidx)
     G = -(-N // g)
     # per-group partials, summed in group order below: the same numbers whichever thread
     # ran a group, and for any thread count

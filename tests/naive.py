@@ -1,4 +1,5 @@
-"""Plain-loop NumPy references for convolution and pooling (slow, obviously correct).
+"""Plain-loop NumPy references for convolution and pooling (slow, obviously correct), and
+a Sequential run layer by layer (the reference for the fused paths).
 
 Every function follows the textbook definition element by element, with no packing tricks,
 so the compiled kernels can be checked against it. NCHW layout, W (F, C, KH, KW).
@@ -148,3 +149,16 @@ def avgpool2d_backward(dy, x_shape, size, stride=None):
             dx[:, :, i * sh:i * sh + KH, j * sw:j * sw + KW] += \
                 dy[:, :, i:i + 1, j:j + 1] / (KH * KW)
     return dx
+
+
+def layer_by_layer(model, params, x, dy):
+    """A Sequential run one layer at a time (no fusion), the chain rule by hand.
+    Returns (y, dx, grads)."""
+    caches = []
+    for layer, p in zip(model.layers, params):
+        x, c = layer.forward(p, x)
+        caches.append(c)
+    grads = [None] * len(params)
+    for i in range(len(params) - 1, -1, -1):
+        dy, grads[i] = model.layers[i].backward(params[i], caches[i], dy)
+    return x, dy, grads

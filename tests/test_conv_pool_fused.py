@@ -9,6 +9,8 @@ from fastbp.kernels import conv as K
 from fastbp.kernels import pool as P
 from fastbp.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 
+import naive
+
 # (pool size, pool stride): the 2×2 kernel, overlapping windows, a remainder row/column
 # that no window covers, non-square windows
 POOLS = [(2, None), (3, 2), (3, 3), ((2, 3), (1, 2))]
@@ -49,17 +51,6 @@ def test_kernels_same_bits_as_separate(method, pool, relu, dtype, rng):
         assert np.any(yp == 0) and np.any(yp > 0)
 
 
-def _layer_by_layer(model, params, x, dy):
-    caches = []
-    for layer, p in zip(model.layers, params):
-        x, c = layer.forward(p, x)
-        caches.append(c)
-    grads = [None] * len(params)
-    for i in range(len(params) - 1, -1, -1):
-        dy, grads[i] = model.layers[i].backward(params[i], caches[i], dy)
-    return x, dy, grads
-
-
 @pytest.mark.parametrize("conv", [dict(), dict(stride=2), dict(padding=1), dict(bias=False)],
                          ids=str)
 @pytest.mark.parametrize("pool", POOLS, ids=str)
@@ -80,7 +71,7 @@ def test_sequential_fuses_and_matches_layer_by_layer(conv, pool, relu, dtype, rn
     assert all(c is network._FUSED for c in cache[j + 1:])
     dy = rng.standard_normal(y.shape).astype(dtype)
     dx, grads = fastbp.backward(model, params, cache, dy)
-    y_ref, dx_ref, g_ref = _layer_by_layer(model, params, x, dy)
+    y_ref, dx_ref, g_ref = naive.layer_by_layer(model, params, x, dy)
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(dx, dx_ref)
     for a, b in zip(fastbp._tree.leaves(grads), fastbp._tree.leaves(g_ref)):

@@ -8,6 +8,8 @@ import pytest
 import fastbp as F
 from fastbp import _tree, network
 
+import naive
+
 
 def wloss(y, w):
     return float(np.sum(y * w)), w.copy()
@@ -104,16 +106,7 @@ def test_sequential_param_and_cache_errors(rng):
 
 
 # ---------------------------------------------------------------- fusion
-def _layer_by_layer(model, params, x, dy):
-    """The model run one layer at a time (no fusion), chain rule by hand."""
-    caches = []
-    for layer, p in zip(model.layers, params):
-        x, c = layer.forward(p, x)
-        caches.append(c)
-    grads = [None] * len(params)
-    for i in range(len(params) - 1, -1, -1):
-        dy, grads[i] = model.layers[i].backward(params[i], caches[i], dy)
-    return x, dy, grads
+_layer_by_layer = naive.layer_by_layer   # no fusion: the reference
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from . import _blas, _pool, config
+from . import _blas, _pack, _pool, config
 from .kernels import dense as D
 from .layers import Dense, ReLU
 
@@ -36,8 +36,11 @@ class Plan:
 
     pos[k]: index in ``layers`` of the k-th Dense; dense, relus, has_bias: per Dense;
     wshapes[k] = (in, out), bshapes[k] = (out,); max_io: the largest in·out (GEMM size
-    for the BLAS thread choice = rows · max_io)."""
-    __slots__ = ("pos", "dense", "relus", "has_bias", "wshapes", "bshapes", "max_io", "rows")
+    for the BLAS thread choice = rows · max_io); grad_layout: the gradients' pack layout
+    (``fastbp._pack``: W, then b when there is one, layer by layer, the order of the
+    params' dicts), so an optimizer update can run over them in one piece."""
+    __slots__ = ("pos", "dense", "relus", "has_bias", "wshapes", "bshapes", "max_io", "rows",
+                 "grad_layout")
 
     def __init__(self, pos, dense, relus):
         self.pos, self.dense, self.relus = tuple(pos), tuple(dense), tuple(relus)
@@ -46,6 +49,10 @@ class Plan:
         self.bshapes = tuple((layer.out_features,) for layer in dense)
         self.max_io = max(a * b for a, b in self.wshapes)
         self.rows = tuple(zip(self.pos, self.wshapes, self.has_bias, self.bshapes))
+        shapes = []
+        for w, has_b, b in zip(self.wshapes, self.has_bias, self.bshapes):
+            shapes += [w, b] if has_b else [w]
+        self.grad_layout = _pack.layout(shapes)
 
 
 def plan(layers):
@@ -165,10 +172,13 @@ def backward(plan_, n_layers, params, cache, dy, input_grad):
     dy2 = np.ascontiguousarray(dy).reshape(-1, dense[-1].out_features)
     if not (dy2.flags.writeable and x2.flags.writeable and x2.flags.c_contiguous):
         return None
-    dWs = tuple([np.empty(shape, dt) for shape in plan_.wshapes])
+    views = iter(_pack.new(plan_.grad_layout, dt)[1])
     empty = _EMPTY[dt]
-    dbs = tuple([np.empty(shape, dt) if has_b else empty
-                 for has_b, shape in zip(plan_.has_bias, plan_.bshapes)])
+    dWs, dbs = [], []
+    for has_b in plan_.has_bias:
+        dWs.append(next(views))
+        dbs.append(next(views) if has_b else empty)
+    dWs, dbs = tuple(dWs), tuple(dbs)
     k = _split_threads(x2.shape[0] * plan_.max_io)
     if k:
         dx2 = _backward_split(x2, Ws, ys, dy2, relus, plan_.has_bias, bool(input_grad),

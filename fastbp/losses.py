@@ -38,7 +38,8 @@ _FLOATS = (np.float32, np.float64)
 
 def _float_array(name, what, a):
     """``a`` as an array of float32/float64, else TypeError."""
-    a = np.asarray(a)
+    if type(a) is not np.ndarray:
+        a = np.asarray(a)
     if a.dtype.type not in _FLOATS:
         raise TypeError(f"{name}: expected {what} of dtype float32 or float64, got {a.dtype}")
     if a.ndim == 0 or a.size == 0:
@@ -84,14 +85,22 @@ def _check_labels(name, z, y):
         raise TypeError(f"{name}: expected integer class labels of shape {z.shape[:-1]}, "
                         f"got dtype {y.dtype}{hint}")
     # one reduction: viewed as unsigned, negative labels become huge
-    if y.size and np.maximum.reduce(y.view(f"u{y.dtype.itemsize}"), axis=None) >= K:
+    if y.size and np.maximum.reduce(y.view(_UNSIGNED[y.dtype.itemsize]), axis=None) >= K:
         bad = y[(y < 0) | (y >= K)].flat[0]
         raise ValueError(f"{name}: label {bad} out of range [0, {K})")
+    if y.ndim == 1 and y.dtype == _I64 and y.flags.c_contiguous:
+        return y
     return np.ascontiguousarray(y, dtype=np.int64).reshape(-1)
+
+
+_UNSIGNED = {n: np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
+_I64 = np.dtype(np.int64)
 
 
 def _rows(z):
     """``z (..., K)`` as a C-contiguous ``(M, K)`` array (a view when possible)."""
+    if z.ndim == 2 and z.flags.c_contiguous:
+        return z
     return np.ascontiguousarray(z).reshape(-1, z.shape[-1])
 
 
@@ -113,7 +122,7 @@ def softmax_cross_entropy(logits, labels):
     """
     name = "softmax_cross_entropy"
     z = _float_array(name, "logits", logits)
-    y = np.asarray(labels)
+    y = labels if type(labels) is np.ndarray else np.asarray(labels)
     z2 = _rows(z)
     inv_m = z.dtype.type(1.0 / z2.shape[0])
     if y.shape == z.shape[:-1]:

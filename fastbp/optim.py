@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from . import _tree, schedules  # noqa: F401  (``fastbp.optim.schedules.cosine`` works)
+from . import _pack, _tree, schedules  # noqa: F401  (``fastbp.optim.schedules.cosine`` works)
 from .kernels import optim as K
 
 __all__ = ["Optimizer", "sgd", "adagrad", "rmsprop", "adam", "adamw",
@@ -285,15 +285,13 @@ def _walk_layers_sgd(p, g):
     n = len(p) if tp is list or tp is tuple else -1
     if n <= 0 or type(g) is not tp or len(g) != n:
         return None
-    ndarray, empty = np.ndarray, np.empty
-    pcol, gcol, ocol, tree = [], [], [], []
+    ndarray = np.ndarray
+    pcol, gcol, shapes = [], [], []
     dt = None
     for i in range(n):
         pd, gd = p[i], g[i]
         if type(pd) is not dict or type(gd) is not dict or len(gd) != len(pd):
             return None
-        new = {}
-        tree.append(new)
         for k, a in pd.items():
             b = gd.get(k)
             if type(a) is not ndarray or type(b) is not ndarray:
@@ -313,11 +311,11 @@ def _walk_layers_sgd(p, g):
                 return None
             pcol.append(a.ravel())
             gcol.append(b.ravel())
-            new[k] = out = empty(shape, dt)
-            ocol.append(out.ravel())
+            shapes.append(shape)
     if dt is None:
         return None
-    return {dt: [pcol, gcol, ocol]}, [tree if tp is list else tuple(tree)]
+    outs, ocol = _new_trees(p, shapes, dt, 1, tp)
+    return {dt: [pcol, gcol, ocol[0]]}, outs
 
 
 def _walk_layers(p, os, nout):
@@ -333,25 +331,19 @@ def _walk_layers(p, os, nout):
         if type(o) is not tp or len(o) != n:
             return None
     nos = len(os)
-    ndarray, empty = np.ndarray, np.empty
-    cols = [[] for _ in range(1 + nos + nout)]
+    ndarray = np.ndarray
+    cols = [[] for _ in range(1 + nos)]
     pcol = cols[0]
-    trees = [[] for _ in range(nout)]
+    shapes = []
     dt = None
     for i in range(n):
         pd = p[i]
         if type(pd) is not dict:
             return None
-        ods = []
         for o in os:
             od = o[i]
             if type(od) is not dict or len(od) != len(pd):
                 return None
-            ods.append(od)
-        news = []
-        for j in range(nout):
-            news.append({})
-            trees[j].append(news[j])
         for k, a in pd.items():
             if type(a) is not ndarray:
                 return None
@@ -365,8 +357,8 @@ def _walk_layers(p, os, nout):
             shape = a.shape
             pcol.append(a.ravel())
             c = 1
-            for od in ods:
-                b = od.get(k)
+            for o in os:
+                b = o[i].get(k)
                 if type(b) is not ndarray or (b.dtype is not dt and b.dtype != dt) or \
                         b.shape != shape:
                     return None
@@ -375,15 +367,112 @@ def _walk_layers(p, os, nout):
                     return None
                 cols[c].append(b.ravel())
                 c += 1
-            for new in news:
-                new[k] = out = empty(shape, dt)
-                cols[c].append(out.ravel())
-                c += 1
+            shapes.append(shape)
     if dt is None:
         return None
-    if tp is tuple:
-        trees = [tuple(t) for t in trees]
-    return {dt: cols}, trees
+    trees, ocols = _new_trees(p, shapes, dt, nout, tp)
+    return {dt: cols + ocols}, trees
+
+
+def _new_trees(p, shapes, dt, nout, tp):
+    """``nout`` new trees shaped like ``p`` (a list/tuple of dicts of arrays with
+    ``shapes``, in order), each a new pack (``fastbp._pack``, so the next update can take
+    ``_walk_packed``), and their flat views: ``(trees, [cols per tree])``."""
+    lay = _pack.layout(shapes)
+    trees, ocols = [], []
+    for _ in range(nout):
+        views = _pack.new(lay, dt)[1]
+        tree, j = [], 0
+        for pd in p:
+            d = {}
+            for k in pd:
+                d[k] = views[j]
+                j += 1
+            tree.append(d)
+        trees.append(tree if tp is list else tuple(tree))
+        ocols.append([v.ravel() for v in views])
+    return trees, ocols
+
+
+def _walk_packed(p, os, nout):
+    """The update's walk when every tree is a pack (``fastbp._pack``): ``p`` (params) and
+    each of ``os`` (grads, buffers) a list or tuple of dicts whose arrays are, in order,
+    exactly the views of one recorded pack, all of one layout and dtype. Returns
+    ``(dtype, buffers, new_trees)`` (the flat buffers of p, os and the ``nout`` new packs
+    made here), or None for anything else (the general walks then take it)."""
+    tp = type(p)
+    if tp is not list and tp is not tuple:
+        return None
+    n = len(p)
+    for o in os:
+        if type(o) is not tp or len(o) != n:
+            return None
+    for i0 in range(n):                  # the first array
+        pd = p[i0]
+        if type(pd) is not dict:
+            return None
+        if pd:
+            break
+    else:
+        return None
+    k0, a0 = next(iter(pd.items()))
+    if type(a0) is not np.ndarray:
+        return None
+    pk = _pack.find(a0)
+    if pk is None:
+        return None
+    lay = pk.layout
+    buf = pk.buffer()
+    dt = _same_float(None, buf.dtype)
+    if dt is None:
+        return None
+    bufs, refs = [buf], [pk.refs]
+    for o in os:
+        od = o[i0]
+        b = od.get(k0) if type(od) is dict else None
+        ok = _pack.find(b) if type(b) is np.ndarray else None
+        if ok is None or ok.layout is not lay:
+            return None
+        b = ok.buffer()
+        if b.dtype != dt:
+            return None
+        bufs.append(b)
+        refs.append(ok.refs)
+    prefs, orefs = refs[0], refs[1:]
+    m = len(prefs)
+    j = 0
+    for i in range(n):
+        pd = p[i]
+        if type(pd) is not dict:
+            return None
+        ods = []
+        for o in os:
+            od = o[i]
+            if type(od) is not dict or len(od) != len(pd):
+                return None
+            ods.append(od)
+        for k, a in pd.items():
+            if j >= m or prefs[j]() is not a:
+                return None
+            for od, r in zip(ods, orefs):
+                if r[j]() is not od.get(k):
+                    return None
+            j += 1
+    if j != m:
+        return None
+    trees = []
+    for _ in range(nout):
+        b, views = _pack.new(lay, dt)
+        bufs.append(b)
+        tree, j = [], 0
+        for pd in p:
+            d = {}
+            for k in pd:
+                d[k] = views[j]
+                j += 1
+            tree.append(d)
+        trees.append(tree if tp is list else tuple(tree))
+    return dt, bufs, trees
 
 
 def _groups(by_dt):
@@ -433,6 +522,16 @@ def _make(name, lr, buffers, kernel_step, fill=None):
     def update(params, grads, state):
         t = _state_step(name, state, buffers)
         others = [grads] + [state[b] for b in buffers]
+        packed = _walk_packed(params, others, 1 + nbuf)
+        if packed is not None:
+            dt, bufs, new = packed
+            cols = [(b,) for b in bufs]
+            kernel_step(t, _lr_at(name, lr, t), dt, cols[0], cols[1], cols[2:2 + nbuf],
+                        cols[2 + nbuf:], bufs[0].size)
+            new_state = {"step": t + 1}
+            for b, tree in zip(buffers, new[1:]):
+                new_state[b] = tree
+            return new[0], new_state
         fast = _walk_layers_sgd(params, grads) if nbuf == 0 else \
             _walk_layers(params, others, 1 + nbuf)
         if fast is not None:

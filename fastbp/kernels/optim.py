@@ -239,6 +239,8 @@ def run(step_kernel, multi_kernel, work, *args):
     arrays took 0.17 ms as six parallel calls. But once one region has woken the workers,
     the next costs 2-3 µs, less than the serial time saved on ~10k elements or more."""
     from .. import config
+    if len(args[0]) == 1:       # one array each (a pack's buffer): the single-array build
+        return step_kernel(*[a[0] if isinstance(a, tuple) else a for a in args], work=work)
     if not config.use_parallel("optim", work):
         multi_kernel(*args)
         return

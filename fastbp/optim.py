@@ -382,16 +382,21 @@ def _new_trees(p, shapes, dt, nout, tp):
     trees, ocols = [], []
     for _ in range(nout):
         views = _pack.new(lay, dt)[1]
-        tree, j = [], 0
-        for pd in p:
-            d = {}
-            for k in pd:
-                d[k] = views[j]
-                j += 1
-            tree.append(d)
-        trees.append(tree if tp is list else tuple(tree))
+        trees.append(_like(p, views, tp))
         ocols.append([v.ravel() for v in views])
     return trees, ocols
+
+
+def _like(p, views, tp):
+    """A tree shaped like ``p`` (a list/tuple ``tp`` of dicts) holding ``views`` in order."""
+    tree, j = [], 0
+    for pd in p:
+        d = {}
+        for k in pd:
+            d[k] = views[j]
+            j += 1
+        tree.append(d)
+    return tree if tp is list else tuple(tree)
 
 
 def _walk_packed(p, os, nout):
@@ -464,14 +469,7 @@ def _walk_packed(p, os, nout):
     for _ in range(nout):
         b, views = _pack.new(lay, dt)
         bufs.append(b)
-        tree, j = [], 0
-        for pd in p:
-            d = {}
-            for k in pd:
-                d[k] = views[j]
-                j += 1
-            tree.append(d)
-        trees.append(tree if tp is list else tuple(tree))
+        trees.append(_like(p, views, tp))
     return dt, bufs, trees
 
 

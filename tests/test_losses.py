@@ -188,22 +188,35 @@ def test_any_integer_label_dtype(dt):
         np.testing.assert_array_equal(g1, g2)
 
 
+@pytest.mark.parametrize("n", [4, L._LIST_CHECK, L._LIST_CHECK + 1, 3000])
 @pytest.mark.parametrize("dt", [np.int8, np.int16, np.uint16, np.int32, np.uint64, np.int64])
-def test_out_of_range_labels_of_any_integer_dtype(dt):
-    """The range check (one reduction over the labels viewed as unsigned) catches labels
-    just above K and, for signed dtypes, the most negative ones, on strided labels too."""
-    z = np.zeros((4, 5))
+def test_out_of_range_labels_of_any_integer_dtype(dt, n):
+    """The range check (a Python list up to ``_LIST_CHECK`` labels, else one reduction
+    over the labels viewed as unsigned) catches labels just above K and, for signed
+    dtypes, the most negative ones, on strided labels too, and names the first bad one."""
+    z = np.zeros((n, 5))
     info = np.iinfo(dt)
     cases = [5, info.max]
     if info.min < 0:
         cases += [-1, info.min]
+    rng = np.random.default_rng(n)
     for bad in cases:
-        y = np.array([[0, 9], [bad, 9], [4, 9], [1, 9]], dtype=dt)[:, 0]   # not contiguous
+        y = np.zeros((n, 2), dtype=dt)
+        y[:, 0] = rng.integers(0, 5, n)
+        at = int(rng.integers(0, n))
+        y[at, 0] = bad
+        if n > 4 and at + 1 < n:
+            y[n - 1, 0] = 5                        # a later bad label is not the one named
+        y = y[:, 0]                                # not contiguous
         for fn in (L.softmax_cross_entropy, L.hinge):
             with pytest.raises(ValueError, match=re.escape(f"label {bad} out of range [0, 5)")):
                 fn(z, y)
-    ok = np.array([0, 4, 2, 3], dtype=dt)
+    ok = np.array([0, 4, 2, 3] * (n // 4) + [1] * (n % 4), dtype=dt)
     assert np.isfinite(L.softmax_cross_entropy(z, ok)[0])
+    y3 = ok.reshape(1, n).repeat(2, axis=0)        # (T, N) labels for (T, N, K) logits
+    y3[1, n // 2] = 7
+    with pytest.raises(ValueError, match=re.escape("label 7 out of range [0, 5)")):
+        L.softmax_cross_entropy(np.zeros((2, n, 5)), y3)
 
 
 # ---------------------------------------------------------------- PyTorch oracle

@@ -5,13 +5,14 @@
 >>> params, state = opt.update(params, grads, state)
 
 ``update`` is pure: it never modifies ``params``, ``grads`` or ``state``; it returns new
-arrays. For a list or tuple of dicts (a ``Sequential``'s params) the new arrays of each
-tree are views of one flat buffer (a pack, ``fastbp._pack``); an update whose params,
-grads and buffers are exactly such views runs its rule once over the buffers. ``params``/``grads`` are nested lists/tuples/dicts of float32 or float64 arrays
+arrays. ``params``/``grads`` are nested lists/tuples/dicts of float32 or float64 arrays
 (``grads`` must match ``params`` leaf by leaf in structure, shape and dtype). ``state`` is
 a plain dict: ``{"step": int, <buffer name>: tree shaped like params, ...}`` using
 torch's buffer names (``momentum_buffer``, ``sum``, ``square_avg``, ``grad_avg``,
 ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so it can be pickled or saved.
+For a list or tuple of dicts (a ``Sequential``'s params) the new arrays of each tree are
+views of one flat buffer (a pack, ``fastbp._pack``); an update whose params, grads and
+buffers are exactly such views runs its rule once over the buffers.
 
 ``lr`` is a number or a schedule ``t -> lr`` (see ``fastbp.optim.schedules``), called
 with ``t = state["step"]``, the number of updates done before this one (0 first).

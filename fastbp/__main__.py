@@ -48,8 +48,7 @@ def cmd_info(args):
         ("BLAS (one-thread GEMMs)", (f"MKL from M, N, K >= 32, else the kernels' OpenBLAS; "
                                      f"{_blas.mkl.layer} layer (FASTBP_MKL=0 to switch off): "
                                      f"{_blas.mkl.version}"
-                                     if _blas.mkl is not None else
-                                     "as the kernels (pip install \"fastbp[mkl]\" for MKL)")),
+                                     if _blas.mkl is not None else _no_mkl())),
         ("OpenMP idle workers", _wait_policy()),
         ("OPENBLAS_THREAD_TIMEOUT", f"{_blas.thread_timeout()} in force (2^n cycles; "
                                     + ("set by user)" if config.USER_SET_BLAS_TIMEOUT
@@ -83,6 +82,15 @@ def _wait_policy():
            "set by fastbp" if config.SET_BY_FASTBP and set(config.SET_BY_FASTBP) &
            {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} else "FASTBP_ENV_DEFAULTS=0")
     return f"{what} ({who})"
+
+
+def _no_mkl():
+    from fastbp import config
+    if config.mkl_rt_paths() and os.environ.get("FASTBP_MKL", "").strip() != "0" \
+            and not config.mkl_by_default():
+        return (f"as the kernels: MKL is installed but not used on this CPU "
+                f"({config.cpu_vendor()}; FASTBP_MKL=1 to use it)")
+    return "as the kernels (pip install \"fastbp[mkl]\" for MKL)"
 
 
 def _kernels_blas():

@@ -171,7 +171,7 @@ def _find_mkl():
     flag = os.environ.get("FASTBP_MKL", "").strip().lower()
     if flag not in ("", "0", "1"):
         raise ValueError(f"FASTBP_MKL: expected '0' or '1', got {flag!r}")
-    if flag == "0":
+    if flag == "0" or (flag == "" and not config.mkl_by_default()):
         return None
     import sys
     paths = config.mkl_rt_paths()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastbp
-from fastbp import _blas, _cblas
+from fastbp import _blas, _cblas, config
 from fastbp._jit import jit
 
 both_libs = pytest.mark.skipif(_blas.numpy_lib is None or _blas.scipy_lib is None,
@@ -125,6 +125,11 @@ def test_dot_shape_mismatch_raises():
         _dot_c(np.ones((2, 3)), np.ones((4, 5)), np.ones((2, 5)))
 
 
+def _has_mkl_wheel():
+    import glob
+    return bool(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+
+
 # --------------------------------------------------------------------------- both libraries
 GRADS = """
 import json, numpy as np, fastbp
@@ -166,14 +171,15 @@ def test_same_gradients_on_either_library():
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=name)
 
 
-@pytest.mark.skipif(not _blas.dense_mkl, reason="needs the mkl wheel (pip install 'fastbp[mkl]')")
+@pytest.mark.skipif(not _has_mkl_wheel() or _blas.numpy_lib is None,
+                    reason="needs the mkl wheel (pip install 'fastbp[mkl]')")
 def test_mkl_threaded_gemms_give_the_openblas_numbers():
     """With MKL the threaded GEMMs (dense chains, recurrent cells, and a chain big enough
     for two threads) run on it: the same float64 outputs and gradients as on OpenBLAS."""
     big = GRADS.replace("out = {}\n", 'models["big"] = (fastbp.Sequential(fastbp.Dense(300, 400), '
                         'fastbp.ReLU(), fastbp.Dense(400, 7)), (64, 300))\nout = {}\n')
     res = {}
-    for key, env in (("openblas", {"FASTBP_MKL_DENSE": "0"}), ("mkl", {})):
+    for key, env in (("openblas", {"FASTBP_MKL_DENSE": "0"}), ("mkl", {"FASTBP_MKL": "1"})):
         p = run_py(big + "print(fastbp._blas.dense_mkl)", **env)
         assert p.returncode == 0, p.stderr
         lines = p.stdout.strip().splitlines()
@@ -208,16 +214,32 @@ print(json.dumps(out))
 """
 
 
-def _has_mkl_wheel():
-    import glob
-    return bool(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+def test_mkl_by_default_only_on_intel(tmp_path):
+    """The mkl extra is used unasked on Intel CPUs and where the vendor is unknown; on
+    others (measured slower on an AMD EPYC) only with FASTBP_MKL=1."""
+    cpuinfo = tmp_path / "cpuinfo"
+    for vendor, expected in (("GenuineIntel", True), ("AuthenticAMD", False),
+                             ("HygonGenuine", False)):
+        cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\n")
+        assert config.cpu_vendor(str(cpuinfo)) == vendor
+        assert config.mkl_by_default(vendor) is expected
+    cpuinfo.write_text("processor\t: 0\n")
+    assert config.cpu_vendor(str(cpuinfo)) is None
+    assert config.cpu_vendor(str(tmp_path / "missing")) is None
+    assert config.mkl_by_default(None) is True
 
 
 def test_mkl_is_on_when_installed_and_its_errors_are_clear():
-    p = run_py("import fastbp._blas as b; print(b.mkl is not None)")
+    p = run_py("import fastbp._blas as b; print(b.mkl is not None, b.dense_mkl)")
     assert p.returncode == 0, p.stderr
-    expected = _has_mkl_wheel() and _blas.numpy_lib is not None
-    assert p.stdout.split()[-1] == str(expected)           # on when the wheel is there
+    usable = _has_mkl_wheel() and _blas.numpy_lib is not None
+    expected = usable and config.mkl_by_default()
+    assert p.stdout.split()[-2:] == [str(expected)] * 2    # on when the wheel is there (Intel)
+    p = run_py("import fastbp._blas as b; print(b.mkl is not None)", FASTBP_MKL="1") \
+        if usable else None
+    if p is not None:                                      # FASTBP_MKL=1: on any CPU
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.split()[-1] == "True"
     p = run_py("import fastbp._blas as b; print(b.mkl is not None)", FASTBP_MKL="0")
     assert p.returncode == 0, p.stderr
     assert p.stdout.split()[-1] == "False"                 # FASTBP_MKL=0 switches it off
@@ -269,7 +291,7 @@ def test_mkl_one_thread_is_local_and_restored():
     """fastbp's one-thread MKL GEMMs run on one thread, and after any fastbp call (conv
     taps, dense layers and chains, LSTM) the calling thread's MKL thread count (which a
     PyTorch in the same process may share) is what it was before."""
-    p = run_py(MKL_THREADS)
+    p = run_py(MKL_THREADS, FASTBP_MKL="1")       # on any CPU (by default only on Intel)
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["layer"] in ("gnu", "sequential")

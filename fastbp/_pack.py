@@ -20,7 +20,7 @@ import weakref
 import numpy as np
 
 _REG: dict = {}                 # id(buffer) -> Pack
-_LAYOUTS: dict = {}             # interned layouts -> (sizes, total)
+_LAYOUTS: dict = {}             # interned layouts -> (layout, cuts, total)
 _lock = threading.Lock()
 
 
@@ -40,8 +40,13 @@ def layout(shapes) -> tuple:
     got = _LAYOUTS.get(key)
     if got is None:
         sizes = tuple(math.prod(s) for s in key)
+        # per view: (start, stop, shape or None where the 1-D slice is already that shape)
+        cuts, o = [], 0
+        for s, n in zip(key, sizes):
+            cuts.append((o, o + n, None if len(s) == 1 else s))
+            o += n
         with _lock:
-            _LAYOUTS.setdefault(key, (key, sizes, sum(sizes)))
+            _LAYOUTS.setdefault(key, (key, tuple(cuts), o))
         got = _LAYOUTS[key]
     return got[0]
 
@@ -52,16 +57,13 @@ def new(layout_, dtype):
     got = _LAYOUTS.get(layout_)
     if got is None:                 # e.g. unpickled in another process: intern it here
         got = _LAYOUTS[layout(layout_)]
-    layout_, sizes, total = got
+    layout_, cuts, total = got
     buf = np.empty(total, dtype)
-    views = []
-    o = 0
-    for shape, n in zip(layout_, sizes):
-        views.append(buf[o:o + n].reshape(shape))
-        o += n
+    views = [buf[a:b] if s is None else buf[a:b].reshape(s) for a, b, s in cuts]
     key = id(buf)
-    pack = Pack(weakref.ref(buf, lambda ref, key=key: _forget(ref, key)),
-                tuple([weakref.ref(v) for v in views]), layout_)
+    ref = weakref.ref
+    pack = Pack(ref(buf, lambda r, key=key: _forget(r, key)), tuple([ref(v) for v in views]),
+                layout_)
     _REG[key] = pack
     return buf, views
 

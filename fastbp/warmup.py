@@ -173,14 +173,14 @@ def _cells(run, families):
             S, g = K._tap_plan(x.shape, 3, 3, 3, 1, 1)
             G, mkl = -(-2 // g), _blas.mkl_one_thread_count()
             y = np.empty((2, 3, 6, 6), dtype=x.dtype)
-            xbuf, tbuf = run.x((6 * g * S,)), run.x((3 * g * S,))
+            xbuf, tbuf = run.x((6 * g * S,)), run.x((3 * 3 * g * S,))
             none, nidx = K._no_pool(x.dtype)
-            for transposed in (False, True):
-                K._tap_forward_rows(x, Wk, b, 1, 1, True, 0, 2, g, transposed, xbuf, tbuf, y,
+            for mode in (0, 1, 2):
+                K._tap_forward_rows(x, Wk, b, 1, 1, True, 0, 2, g, mode, xbuf, tbuf, y,
                                     mkl, K._NO_POOL, none, nidx)
                 for size in (2, 3):             # fused max pooling: the 2×2 kernel, another
                     yp = np.empty((2, 3, 6 // size, 6 // size), dtype=x.dtype)
-                    K._tap_forward_rows(x, Wk, b, 1, 1, True, 0, 2, g, transposed, xbuf,
+                    K._tap_forward_rows(x, Wk, b, 1, 1, True, 0, 2, g, mode, xbuf,
                                         tbuf, y, mkl, np.full(4, size, np.int64), yp,
                                         np.empty(yp.shape, np.int32))
             dWt, dbg = np.zeros((G, 3, 3, 2, 3), x.dtype), np.zeros((G, 3), x.dtype)

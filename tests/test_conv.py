@@ -294,13 +294,15 @@ TAP_CASES = [  # N, C, H, W, F, KH, KW, ph, pw
 @pytest.mark.parametrize("case", TAP_CASES, ids=str)
 @pytest.mark.parametrize("group", [1, 1 << 17], ids=["one-sample-groups", "big-groups"])
 @pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("transposed", [False, True], ids=["F-by-pixels", "pixels-by-F"])
-def test_tap_matches_naive(case, group, split, transposed, rng, monkeypatch):
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["F-by-pixels", "pixels-by-F", "stacked"])
+def test_tap_matches_naive(case, group, split, mode, rng, monkeypatch):
     """Per-tap GEMMs (also with padding >= kernel, groups of samples, the batch split
-    over threads and either forward GEMM orientation) give the plain-loop numbers: y,
-    fused ReLU, dx, dW, db, and y without a bias."""
+    over threads and each forward GEMM layout) give the plain-loop numbers: y, fused
+    ReLU, dx, dW, db, and y without a bias."""
     N, C, H, Wd, F, KH, KW, ph, pw = case
-    monkeypatch.setattr(K, "TAP_T_MIN_K", 0 if transposed else 1 << 30)
+    monkeypatch.setattr(K, "TAP_T_MIN_K", 0 if mode == 1 else 1 << 30)
+    monkeypatch.setattr(K, "TAP_STACK_MIN_K", 0 if mode == 2 else 1 << 30)
+    assert K.tap_mode(KW * C) == mode
     monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", group)
     monkeypatch.setattr(K, "SPLIT_MACS", 0 if split else 1 << 62)
     x = rng.standard_normal((N, C, H, Wd))

@@ -26,11 +26,14 @@ def _data(rng, N, C, H, F, k, dtype, nan=False):
     return x, W, b
 
 
-@pytest.mark.parametrize("method", ["tap", "gemm", "direct", "auto"])
+@pytest.mark.parametrize("method", ["tap", "gemm", "direct", "auto", "tap-stacked"])
 @pytest.mark.parametrize("pool", POOLS, ids=str)
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_kernels_same_bits_as_separate(method, pool, relu, dtype, rng):
+def test_kernels_same_bits_as_separate(method, pool, relu, dtype, rng, monkeypatch):
+    if method == "tap-stacked":         # all kernel rows in one forward GEMM
+        monkeypatch.setattr(K, "TAP_STACK_MIN_K", 0)
+        method = "tap"
     x, W, b = _data(rng, 5, 3, 11, 4, 3, dtype)
     size, stride = pool
     y = K.conv2d_forward(x, W, b, 1, 1, relu, method)

@@ -648,6 +648,13 @@ _to_nchw_serial = gemm_to_nchw.serial    # called from the compiled per-tap loop
 # not: cifar conv2 (KW·C = 96) 5.67-5.79 vs 6.52-7.14, lenet conv2 (40) 0.39-0.51 vs
 # 0.48-0.52; lenet conv1 (5) level; cifar conv1 (9) 1.18-1.62 vs 0.95-1.10.
 TAP_T_MIN_K = 32
+# From this many rows of a kernel-row GEMM (KW·C) the forward runs one GEMM for all kernel
+# rows, (KH·F × KW·C)·(KW·C × Hp·k·Wp), and sums the rows' shifted products in the scatter
+# (``_tap_shift_scatter``) instead of KH GEMMs of F rows: taller GEMMs run nearer the
+# BLAS's peak. One OpenBLAS thread, AMD EPYC (Zen 4), GFLOP/s: cifar conv2's 96×96×1156
+# 79-88 against 54-71 for 32×96×1088 (either orientation); lenet conv2's 80×40×1296 65-72
+# against 86-94 for 16×40×864, so thin kernel rows stay on the per-row GEMMs.
+TAP_STACK_MIN_K = 64
 
 
 @jit(inline="always")
@@ -674,19 +681,50 @@ def _tap_scatter(t, b, s, k, Wp, relu, y):
                         dst[j] = tile[j, f] + b0
 
 
+@jit(inline="always")
+def _tap_shift_scatter(t3, b, s, k, Wp, KH, relu, y):
+    """y[s+kk, f, i, j] = b[f] + Σ_p t3[p·F + f, ((i + p)·k + kk)·Wp + j] (then max(·, 0)
+    if ``relu``) for the k samples of a group: t3 (KH·F, ≥ Hp·k·Wp) holds every kernel
+    row's product with the whole packed input (``_tap_forward_rows``, stacked mode), so
+    kernel row p's contribution to output row i sits p input rows further on."""
+    F = y.shape[1]
+    OH, OW = y.shape[2], y.shape[3]
+    zero = t3.dtype.type(0)
+    has_bias = b.shape[0] > 0
+    for kk in range(k):
+        for f in range(F):
+            b0 = b[f] if has_bias else zero
+            for i in range(OH):
+                dst = y[s + kk, f, i]
+                o = (i * k + kk) * Wp
+                src = t3[f, o:o + OW]
+                for j in range(OW):
+                    dst[j] = src[j] + b0
+                for p in range(1, KH):
+                    o = ((i + p) * k + kk) * Wp
+                    src = t3[p * F + f, o:o + OW]
+                    for j in range(OW):
+                        dst[j] += src[j]
+                if relu:
+                    for j in range(OW):
+                        if dst[j] < zero:
+                            dst[j] = zero
+
+
 _max2_serial = _pk.max_forward_2x2.serial   # the fused max pooling, per group
 _max_serial = _pk.max_forward.serial
 
 
 @jit
-def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf, y,
+def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, mode, xbuf, tbuf, y,
                      mkl_threads, pool, yp, ip):
     """y[n0:n1] by per-kernel-row GEMMs, g samples at a time.
 
     x (N, C, H, W), Wk (KH, F, KW, C) = W transposed (Wk[p, f, q, c] = W[f, c, p, q]),
     b (F,) or (0,), y (N, F, OH, OW) output; xbuf, tbuf flat scratch of at least KW·C·g·S
-    and F·g·S entries (S = Hp·Wp). ``transposed``: the GEMMs write the output grid as
-    pixels × F (then ``_tap_scatter``) instead of F × pixels (then ``gemm_to_nchw``).
+    and F·g·S entries (S = Hp·Wp; KH·F·g·S in mode 2). ``mode`` (``tap_mode``): 0, the
+    GEMMs write the output grid as F × pixels (then ``gemm_to_nchw``); 1, as pixels × F
+    (then ``_tap_scatter``); 2, one GEMM for all kernel rows (then ``_tap_shift_scatter``).
     y[n,f,i,j] = b[f] + Σ_p,q Σ_c W[f,c,p,q]·xp[n,c,i+p,j+q], then max(·, 0) if ``relu``.
     ``mkl_threads``: 1 to run MKL's GEMMs on this thread alone (set here and restored), 0
     without MKL (``fastbp._blas.mkl_one_thread_count``).
@@ -710,7 +748,11 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, transposed, xbuf, tbuf,
         ys = 0 if pooled else s                 # y's first sample for this group
         xs = xbuf[:R * T].reshape(R, T)
         _tap_pack(x, ph, pw, s, k, KW, xs)
-        if transposed:
+        if mode == 2:
+            t3 = tbuf[:KH * F * T].reshape(KH * F, T)   # t3 = Wk (KH·F×R) · xs (R×T)
+            _cblas.gemm1(False, False, KH * F, T, R, Wk, 0, R, xs, 0, T, 0, t3, 0, T)
+            _tap_shift_scatter(t3, b, ys, k, Wp, KH, relu, y)
+        elif mode == 1:
             tt = tbuf[:L * F].reshape(L, F)
             for p in range(KH):                 # tT (L×F) += xs windowᵀ · Wk[p]ᵀ
                 _cblas.gemm1(True, True, L, F, R, xs, p * k * Wp, T,
@@ -876,7 +918,7 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
 # and handed over around every group), two threads ran lenet conv1's forward 1.05-1.1x
 # faster than one, and its backward 1.1-1.2x.
 @jit
-def _tap_forward_claimed(x, Wk, b, ph, pw, relu, g, transposed, xbuf, tbuf, y, mkl_threads,
+def _tap_forward_claimed(x, Wk, b, ph, pw, relu, g, mode, xbuf, tbuf, y, mkl_threads,
                          pool, yp, ip, counter):
     """``_tap_forward_rows`` over groups of g samples claimed one at a time from ``counter``
     (``fastbp._pool.claim``; group i is samples i·g .. min(N, i·g + g) − 1)."""
@@ -886,7 +928,7 @@ def _tap_forward_claimed(x, Wk, b, ph, pw, relu, g, transposed, xbuf, tbuf, y, m
         i = _pool.claim(counter)
         if i >= G:
             return
-        _tap_forward_rows(x, Wk, b, ph, pw, relu, i * g, min(N, i * g + g), g, transposed,
+        _tap_forward_rows(x, Wk, b, ph, pw, relu, i * g, min(N, i * g + g), g, mode,
                           xbuf, tbuf, y, mkl_threads, pool, yp, ip)
 
 
@@ -999,6 +1041,12 @@ def _no_pool(dtype):
     return np.empty((0, 1, 1, 1), dtype), np.empty((0, 1, 1, 1), np.int32)
 
 
+def tap_mode(R):
+    """The forward's GEMM layout for kernel rows of R = KW·C entries: 2 (all kernel rows in
+    one GEMM) from TAP_STACK_MIN_K, 1 (pixels × F) from TAP_T_MIN_K, else 0 (F × pixels)."""
+    return 2 if R >= TAP_STACK_MIN_K else 1 if R >= TAP_T_MIN_K else 0
+
+
 def _tap_forward(x, W, b, ph, pw, relu, y, pool=None):
     """y = conv(x) (+ ReLU) by the per-tap GEMMs. With ``pool = (windows, yp, ip)`` (windows
     an int64 array (KH, KW, sh, sw)), y is None and the output is max-pooled group by
@@ -1009,7 +1057,7 @@ def _tap_forward(x, W, b, ph, pw, relu, y, pool=None):
     S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
     Wk = np.ascontiguousarray(W.transpose(2, 0, 3, 1))
     threads = _tap_threads(N, N * F * OH * OW * C * KH * KW)
-    transposed = KW * C >= TAP_T_MIN_K
+    mode = tap_mode(KW * C)
     if pool is None:
         windows, (yp, ip) = _NO_POOL, _no_pool(x.dtype)
     else:
@@ -1019,11 +1067,11 @@ def _tap_forward(x, W, b, ph, pw, relu, y, pool=None):
 
     def drain(_):
         xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
-        tbuf = _workspace("tap_t", F * g * S, x.dtype)
+        tbuf = _workspace("tap_t", (KH if mode == 2 else 1) * F * g * S, x.dtype)
         yy = y if pool is None else \
             _workspace("tap_y", g * F * OH * OW, x.dtype).reshape(g, F, OH, OW)
         _blas.threads_for(0)            # OpenBLAS: one thread (the thin GEMMs)
-        _tap_forward_claimed(x, Wk, b, ph, pw, relu, g, transposed, xbuf, tbuf, yy,
+        _tap_forward_claimed(x, Wk, b, ph, pw, relu, g, mode, xbuf, tbuf, yy,
                              _blas.mkl_one_thread_count(), windows, yp, ip, counter)
     # every thread claims groups until none are left: balanced, and a thread that starts
     # late finds less (or nothing) to do

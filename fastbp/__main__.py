@@ -48,7 +48,8 @@ def cmd_info(args):
         ("BLAS (one-thread GEMMs)", (f"MKL from M, N, K >= 32, else the kernels' OpenBLAS; "
                                      f"{_blas.mkl.layer} layer (FASTBP_MKL=0 to switch off): "
                                      f"{_blas.mkl.version}"
-                                     if _blas.mkl is not None else _no_mkl())),
+                                     if _blas.mkl is not None else
+                                     "as the kernels (pip install \"fastbp[mkl]\" for MKL)")),
         ("OpenMP idle workers", _wait_policy()),
         ("OPENBLAS_THREAD_TIMEOUT", f"{_blas.thread_timeout()} in force (2^n cycles; "
                                     + ("set by user)" if config.USER_SET_BLAS_TIMEOUT
@@ -84,15 +85,6 @@ def _wait_policy():
     return f"{what} ({who})"
 
 
-def _no_mkl():
-    from fastbp import config
-    if config.mkl_rt_paths() and os.environ.get("FASTBP_MKL", "").strip() != "0" \
-            and not config.mkl_by_default():
-        return (f"as the kernels: MKL is installed but not used on this CPU "
-                f"({config.cpu_vendor()}; FASTBP_MKL=1 to use it)")
-    return "as the kernels (pip install \"fastbp[mkl]\" for MKL)"
-
-
 def _kernels_blas():
     """Which library the kernels' threaded GEMMs call (see fastbp/_blas.py)."""
     from fastbp import _blas
@@ -104,6 +96,10 @@ def _kernels_blas():
     why = ("FASTBP_BLAS" if os.environ.get("FASTBP_BLAS") else
            "NumPy's spins longer: NumPy was imported before fastbp" if _blas.name == "scipy"
            and _blas.numpy_lib is not None else "default")
+    from fastbp import config
+    if _blas.mkl is not None and config.mkl_dense_flag() == "":
+        why += (f"; MKL's threaded GEMMs are off on this CPU ({config.cpu_vendor()}), "
+                "FASTBP_MKL_DENSE=1 to use them")
     return f"{_blas.name}'s OpenBLAS ({why}): {os.path.basename(_blas.library)}"
 
 

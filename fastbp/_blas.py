@@ -171,7 +171,7 @@ def _find_mkl():
     flag = os.environ.get("FASTBP_MKL", "").strip().lower()
     if flag not in ("", "0", "1"):
         raise ValueError(f"FASTBP_MKL: expected '0' or '1', got {flag!r}")
-    if flag == "0" or (flag == "" and not config.mkl_by_default()):
+    if flag == "0":
         return None
     import sys
     paths = config.mkl_rt_paths()
@@ -191,10 +191,10 @@ def _find_mkl():
 
 mkl = _find_mkl()
 # With MKL, the threaded GEMMs (``fastbp._cblas.gemm``: dense layers, the recurrent cells'
-# per-step products, the conv im2col path) run on it too, with MKL's thread count set by
-# ``use_for`` like OpenBLAS's; FASTBP_MKL_DENSE=0 keeps them on OpenBLAS.
-dense_mkl = (mkl is not None and mkl.layer == "gnu"
-             and os.environ.get("FASTBP_MKL_DENSE", "").strip() != "0")
+# per-step products, the conv im2col path) and the split GEMMs of large Dense chains run
+# on it too, with MKL's thread count set by ``use_for`` like OpenBLAS's: by default on
+# Intel CPUs only (``config.mkl_dense_wanted``; FASTBP_MKL_DENSE=0/1 decides).
+dense_mkl = mkl is not None and mkl.layer == "gnu" and config.mkl_dense_wanted()
 config.settle_wait_policy(dense_mkl)
 
 

@@ -196,7 +196,7 @@ def backward(plan_, n_layers, params, cache, dy, input_grad):
 # ---------------------------------------------------------------- large chains on MKL
 def _split_threads(macs):
     """The thread count for the split path (0: run the compiled chain)."""
-    if _blas.mkl is None or macs < SPLIT_MACS:
+    if not _blas.dense_mkl or macs < SPLIT_MACS:
         return 0
     k = config.get_num_threads()
     return k if k >= 2 else 0

@@ -24,13 +24,14 @@ Environment variables (all optional):
     measured slower (cnn_cifar 26-27 against 21-25 ms, mlp_mnist 2.2-2.8 against 1.8-2.2).
 ``FASTBP_MKL``
     ``0`` keeps every GEMM on OpenBLAS even when the ``mkl`` extra is installed; ``1``
-    requires MKL (an ImportError without it). Unset: on an Intel CPU, MKL runs the GEMMs
-    when installed (the threaded ones, and the one-thread ones of at least 32 rows; see
-    ``fastbp/_blas.py``); on other CPUs OpenBLAS does, which measured faster on every
-    shape on an AMD EPYC (``mkl_by_default``).
+    requires MKL (an ImportError without it). Unset: MKL runs the one-thread GEMMs of at
+    least 32 rows (the conv taps) when installed, and on Intel CPUs the threaded ones too
+    (see ``FASTBP_MKL_DENSE`` and ``fastbp/_blas.py``).
 ``FASTBP_MKL_DENSE``
-    ``0`` keeps the threaded GEMMs (dense layers, recurrent cells) on OpenBLAS when MKL is
-    installed; by default they run on MKL (see ``fastbp/_blas.py``).
+    With MKL in use: ``0`` keeps the threaded GEMMs (dense layers and chains, recurrent
+    cells) and the split GEMMs of large Dense chains on OpenBLAS, ``1`` puts them on MKL.
+    Unset: on MKL on Intel CPUs, on OpenBLAS on others, where it measured faster (an AMD
+    EPYC: ``mkl_dense_by_default``).
 ``FASTBP_MKL_SPLIT_MACS``
     Multiply-adds from which a Dense/ReLU chain splits a GEMM over the threads on MKL
     (default 2^28; see ``fastbp/_mlp.py``).
@@ -72,30 +73,42 @@ def cpu_vendor(path="/proc/cpuinfo"):
     return None
 
 
-def mkl_by_default(vendor="auto") -> bool:
-    """Whether an installed ``mkl`` extra is used when FASTBP_MKL is unset: on Intel CPUs
-    (and where the vendor is unknown), not on others. On a 2-vCPU AMD EPYC (Zen 4,
-    AVX-512), 2026-12-04, float32 GFLOP/s, MKL 2026.2 against OpenBLAS 0.3.31, one thread:
-    32×96×1088 69/84 against 97/112, 96×1088×32 71/87 against 101/119; two threads:
-    256×2048×2048 139/79 against 151/170 (two processes each); the mlp_large step took
-    73-80 ms with MKL against 56-65 without (three alternating pairs)."""
+def mkl_dense_by_default(vendor="auto") -> bool:
+    """Whether an installed ``mkl`` extra also runs the threaded GEMMs (dense layers and
+    chains, recurrent cells) and the split ones of large Dense chains when
+    FASTBP_MKL_DENSE is unset: on Intel CPUs (and where the vendor is unknown), not on
+    others. On a 2-vCPU AMD EPYC (Zen 4, AVX-512), 2026-12-04, float32, two threads,
+    GFLOP/s, MKL 2026.2 against OpenBLAS 0.3.31 (two processes each): 256×2048×2048 139/79
+    against 151/170, its weight gradient (2048×256)ᵀ·(256×2048) 119/95 against 155/179;
+    the mlp_large step took 73-80 ms with MKL for all GEMMs and 76-80 with MKL for the
+    split ones only, against 56-65 on OpenBLAS (three alternating process triples). The
+    one-thread GEMMs of the conv taps stay on MKL there: cifar conv2's shapes ran 85-96
+    GFLOP/s against 82-92 on one OpenBLAS thread."""
     if vendor == "auto":
         vendor = cpu_vendor()
     return vendor is None or vendor == "GenuineIntel"
 
 
-def _mkl_flag() -> str:
-    return os.environ.get("FASTBP_MKL", "").strip().lower()
+def mkl_dense_flag() -> str:
+    """FASTBP_MKL_DENSE as given ('' when unset); anything but '', '0' or '1' is an error."""
+    flag = os.environ.get("FASTBP_MKL_DENSE", "").strip()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"FASTBP_MKL_DENSE: expected '0' or '1', got {flag!r}")
+    return flag
+
+
+def mkl_dense_wanted() -> bool:
+    """The threaded GEMMs go to MKL (when fastbp uses it): FASTBP_MKL_DENSE=1, or unset on
+    a CPU where ``mkl_dense_by_default``."""
+    flag = mkl_dense_flag()
+    return flag == "1" or (flag == "" and mkl_dense_by_default())
 
 
 def _mkl_threads_expected() -> bool:
-    """True when the ``mkl`` extra is installed and not switched off (FASTBP_MKL,
-    FASTBP_MKL_DENSE, a non-Intel CPU): fastbp._blas will then run the threaded GEMMs on
+    """True when the ``mkl`` extra is installed and its threaded GEMMs are wanted
+    (FASTBP_MKL, FASTBP_MKL_DENSE, the CPU's vendor): fastbp._blas will then run them on
     MKL's GNU OpenMP layer. Read from the files alone, before NumPy or MKL load."""
-    flag = _mkl_flag()
-    if "0" in (flag, os.environ.get("FASTBP_MKL_DENSE", "").strip()):
-        return False
-    if flag != "1" and not mkl_by_default():
+    if os.environ.get("FASTBP_MKL", "").strip() == "0" or not mkl_dense_wanted():
         return False
     return bool(mkl_rt_paths())
 

@@ -179,7 +179,7 @@ def test_mkl_threaded_gemms_give_the_openblas_numbers():
     big = GRADS.replace("out = {}\n", 'models["big"] = (fastbp.Sequential(fastbp.Dense(300, 400), '
                         'fastbp.ReLU(), fastbp.Dense(400, 7)), (64, 300))\nout = {}\n')
     res = {}
-    for key, env in (("openblas", {"FASTBP_MKL_DENSE": "0"}), ("mkl", {"FASTBP_MKL": "1"})):
+    for key, env in (("openblas", {"FASTBP_MKL_DENSE": "0"}), ("mkl", {"FASTBP_MKL_DENSE": "1"})):
         p = run_py(big + "print(fastbp._blas.dense_mkl)", **env)
         assert p.returncode == 0, p.stderr
         lines = p.stdout.strip().splitlines()
@@ -214,32 +214,39 @@ print(json.dumps(out))
 """
 
 
-def test_mkl_by_default_only_on_intel(tmp_path):
-    """The mkl extra is used unasked on Intel CPUs and where the vendor is unknown; on
-    others (measured slower on an AMD EPYC) only with FASTBP_MKL=1."""
+def test_mkl_dense_by_default_only_on_intel(tmp_path, monkeypatch):
+    """MKL's threaded (and split) GEMMs are used unasked on Intel CPUs and where the vendor
+    is unknown; on others (measured slower on an AMD EPYC) only with FASTBP_MKL_DENSE=1."""
     cpuinfo = tmp_path / "cpuinfo"
     for vendor, expected in (("GenuineIntel", True), ("AuthenticAMD", False),
                              ("HygonGenuine", False)):
         cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\n")
         assert config.cpu_vendor(str(cpuinfo)) == vendor
-        assert config.mkl_by_default(vendor) is expected
+        assert config.mkl_dense_by_default(vendor) is expected
     cpuinfo.write_text("processor\t: 0\n")
     assert config.cpu_vendor(str(cpuinfo)) is None
     assert config.cpu_vendor(str(tmp_path / "missing")) is None
-    assert config.mkl_by_default(None) is True
+    assert config.mkl_dense_by_default(None) is True
+    for flag, expected in (("0", False), ("1", True), ("", config.mkl_dense_by_default())):
+        monkeypatch.setenv("FASTBP_MKL_DENSE", flag)
+        assert config.mkl_dense_wanted() is expected
+    monkeypatch.setenv("FASTBP_MKL_DENSE", "yes")
+    with pytest.raises(ValueError, match="FASTBP_MKL_DENSE.*'yes'"):
+        config.mkl_dense_wanted()
 
 
 def test_mkl_is_on_when_installed_and_its_errors_are_clear():
-    p = run_py("import fastbp._blas as b; print(b.mkl is not None, b.dense_mkl)")
+    probe = "import fastbp._blas as b; print(b.mkl is not None, b.dense_mkl)"
+    p = run_py(probe)
     assert p.returncode == 0, p.stderr
     usable = _has_mkl_wheel() and _blas.numpy_lib is not None
-    expected = usable and config.mkl_by_default()
-    assert p.stdout.split()[-2:] == [str(expected)] * 2    # on when the wheel is there (Intel)
-    p = run_py("import fastbp._blas as b; print(b.mkl is not None)", FASTBP_MKL="1") \
-        if usable else None
-    if p is not None:                                      # FASTBP_MKL=1: on any CPU
-        assert p.returncode == 0, p.stderr
-        assert p.stdout.split()[-1] == "True"
+    # on when the wheel is there; its threaded GEMMs on Intel CPUs
+    assert p.stdout.split()[-2:] == [str(usable), str(usable and config.mkl_dense_by_default())]
+    if usable:
+        for flag in ("0", "1"):                            # FASTBP_MKL_DENSE decides
+            p = run_py(probe, FASTBP_MKL_DENSE=flag)
+            assert p.returncode == 0, p.stderr
+            assert p.stdout.split()[-2:] == ["True", str(flag == "1")]
     p = run_py("import fastbp._blas as b; print(b.mkl is not None)", FASTBP_MKL="0")
     assert p.returncode == 0, p.stderr
     assert p.stdout.split()[-1] == "False"                 # FASTBP_MKL=0 switches it off
@@ -291,7 +298,7 @@ def test_mkl_one_thread_is_local_and_restored():
     """fastbp's one-thread MKL GEMMs run on one thread, and after any fastbp call (conv
     taps, dense layers and chains, LSTM) the calling thread's MKL thread count (which a
     PyTorch in the same process may share) is what it was before."""
-    p = run_py(MKL_THREADS, FASTBP_MKL="1")       # on any CPU (by default only on Intel)
+    p = run_py(MKL_THREADS, FASTBP_MKL_DENSE="1")  # threaded GEMMs on MKL on any CPU
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["layer"] in ("gnu", "sequential")

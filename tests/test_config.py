@@ -131,14 +131,14 @@ _MKL_USABLE = bool(config.mkl_rt_paths()) and fastbp._blas.numpy_lib is not None
 @pytest.mark.skipif(not _MKL_USABLE, reason="the mkl extra is not installed")
 def test_wait_policy_short_spin_with_mkl_threads():
     """MKL's threaded GEMMs share libgomp with Numba: its workers spin SPIN_COUNT rounds.
-    (FASTBP_MKL=1: by default MKL runs only on Intel CPUs.)"""
-    got = probe(FASTBP_MKL="1")
+    (FASTBP_MKL_DENSE=1: by default MKL's threaded GEMMs run only on Intel CPUs.)"""
+    got = probe(FASTBP_MKL_DENSE="1")
     assert got["mkl_threads"] is True and got["user_set"] is False
     assert got["policy"] is None and got["spin"] == str(config.SPIN_COUNT)
     # the families measured again under the short spin take those values
     assert got["thresholds"] == dict(config.DEFAULT_THRESHOLDS, **config.SPIN_THRESHOLDS)
     assert got["thresholds"]["optim"] < config.DEFAULT_THRESHOLDS["optim"]
-    got = probe(FASTBP_MKL="1", FASTBP_PARALLEL_THRESHOLD="optim=5")  # the user's value wins
+    got = probe(FASTBP_MKL_DENSE="1", FASTBP_PARALLEL_THRESHOLD="optim=5")  # the user's wins
     assert got["thresholds"]["optim"] == 5
 
 

@@ -130,6 +130,7 @@ def test_mkl_split_path_matches_compiled_chain(monkeypatch, make, dtype, input_g
     dx_ref, g_ref = F.backward(model, params, c_ref, dy, input_grad=input_grad)
     calls = []
     monkeypatch.setattr(_mlp, "SPLIT_MACS", 0)
+    monkeypatch.setattr(F._blas, "dense_mkl", True)     # the split's default is Intel only
     monkeypatch.setattr(F.config, "get_num_threads", lambda: 2)
     block = _mlp.D.gemm_block
     monkeypatch.setattr(_mlp.D, "gemm_block",

@@ -471,6 +471,22 @@ def gemm_to_nchw(t, b, n0, m, relu, pitch, PX, y):
                     dst[j] = src[j] + b0
 
 
+@jit(inline="always")
+def _masked_row(src, ys, relu, dst, acc, n):
+    """dst[j] = src[j] ⊙ [ys[j] > 0] if ``relu`` else src[j], and acc[j] += dst[j], for
+    j < n: one image row of the output gradient (see MASK_LOOPS)."""
+    zero = dst.dtype.type(0)
+    if relu:
+        for j in range(n):
+            v = src[j]
+            dst[j] = v if ys[j] > zero else zero
+    else:
+        for j in range(n):
+            dst[j] = src[j]
+    for j in range(n):
+        acc[j] += dst[j]
+
+
 @dual("conv")
 def nchw_to_gemm(dy, y, n0, relu, pitch, t, db):
     """Gather dy of samples n0 .. n0+m−1 as a matrix, masking by ReLU and summing the bias grad.
@@ -494,17 +510,9 @@ def nchw_to_gemm(dy, y, n0, relu, pitch, t, db):
                 dst = t[f, k * PX + i * pitch:k * PX + (i + 1) * pitch]
                 src = dy[n0 + k, f, i]
                 ys = y[n0 + k, f, i]        # unconditionally: see VIEWS_IN_BRANCHES
-                if relu:                    # (MASK_LOOPS)
-                    for j in range(OW):
-                        v = src[j]
-                        dst[j] = v if ys[j] > zero else zero
-                else:
-                    for j in range(OW):
-                        dst[j] = src[j]
+                _masked_row(src, ys, relu, dst, acc, OW)
                 for j in range(OW, pitch):
                     dst[j] = zero
-                for j in range(OW):
-                    acc[j] += dst[j]
         if has_bias:
             tot = zero
             for j in range(OW):
@@ -889,15 +897,7 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
                     src = dy[s + kk, f, i]
                     dst = row[o:o + OW]
                     ys = y[s + kk, f, i]    # unconditionally: see VIEWS_IN_BRANCHES
-                    if relu:                # (MASK_LOOPS)
-                        for j in range(OW):
-                            v = src[j]
-                            dst[j] = v if ys[j] > zero else zero
-                    else:
-                        for j in range(OW):
-                            dst[j] = src[j]
-                    for j in range(OW):
-                        acc[j] += dst[j]
+                    _masked_row(src, ys, relu, dst, acc, OW)
                     junk = row[o + OW:o + Wp]
                     for j in range(Wp - OW):
                         junk[j] = zero
@@ -918,10 +918,10 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
             for c in range(C):
                 # dxg[c, v] = Σ_q ds[q·C + c, v − q] over the whole grid, in place in ds[c]
                 # (long loops; per image row they were short ones: 2x slower in all)
-                acc = ds[c]
+                dxc = ds[c]
                 for q in range(1, KW):
                     src = ds[q * C + c]
-                    dst = acc[q:]
+                    dst = dxc[q:]
                     for v in range(T - q):
                         dst[v] += src[v]
                 for kk in range(k):
@@ -929,7 +929,7 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
                         o = ((h + ph) * k + kk) * Wp + pw
                         dst = dx[s + kk, c, h]
                         for w in range(Wd):
-                            dst[w] = acc[o + w]
+                            dst[w] = dxc[o + w]
     _cblas.mkl_threads_exit(prev)
 
 

@@ -57,6 +57,7 @@ from .. import _blas, _cblas, _pool, config
 from .._cblas import dot
 from .._jit import dual, jit
 from . import pool as _pk
+from . import winograd as _wg
 
 # Algorithm choice, measured single-threaded on the 2-vCPU dev machine (asv_benchmarks/
 # benchmarks/conv.py): with stride 1 the flat direct forward beat im2col + GEMM 4x at C = 1,
@@ -98,6 +99,12 @@ TAP_GROUP_ELEMENTS = 1 << 17
 # 3.7M 0.23 → 0.26, 7.1M 0.23 → 0.20, 7.4M 0.44 → 0.38, 28M 0.93 → 0.76; backward 1.8M
 # (dW only 0.9M) 0.33 → 0.35, 3.3M+ 0.62 → 0.46, 13M+ 2.16 → 1.14.
 SPLIT_MACS = 1 << 22
+# Winograd F(2×2, 3×3) (``fastbp.kernels.winograd``) for 3×3 kernels at stride 1 from this
+# many input and output channels (the GEMMs are F × C by C × tiles: thin channel counts
+# starve them). One thread, AMD EPYC (Zen 4), forward ms, Winograd vs per-tap GEMMs:
+# 32×32×32×32 32@3×3 p1 5.05 vs 9.04; 32×16×32×32 16@ 1.93 vs 2.24; 32×64×16×16 64@ 4.47
+# vs 8.92; 64×8×12×12 16@ 0.58 vs 0.37 (so not at 8 channels).
+WINO_MIN_CHANNELS = 16
 
 
 def out_size(H, Wd, KH, KW, sh, sw, ph, pw):
@@ -1067,6 +1074,51 @@ def tap_mode(R):
     return 2 if R >= TAP_STACK_MIN_K else 1 if R >= TAP_T_MIN_K else 0
 
 
+def wino_usable(KH, KW, stride, padding):
+    """Winograd can run: a 3×3 kernel at stride 1, CBLAS, padding at most 2 (the input
+    gradient pads by 2 − p)."""
+    return (KH == 3 and KW == 3 and tuple(stride) == (1, 1) and _cblas.available
+            and max(padding) <= 2)
+
+
+def wino_chosen(C, F, KH, KW, stride, padding):
+    """``"auto"`` runs Winograd: usable, with at least WINO_MIN_CHANNELS input and output
+    channels."""
+    return wino_usable(KH, KW, stride, padding) and min(C, F) >= WINO_MIN_CHANNELS
+
+
+def _wino_forward(x, W, b, ph, pw, relu, y, pool=None):
+    """y = conv(x) (+ ReLU) by Winograd F(2×2, 3×3), samples claimed by fastbp's threads;
+    ``pool`` as in ``_tap_forward`` (y None, each sample pooled into yp, ip at once)."""
+    N, C, H, Wd = x.shape
+    F = W.shape[0]
+    OH, OW = H + 2 * ph - 2, Wd + 2 * pw - 2
+    U = _wg.transform_weights(W)
+    sizes = _wg.scratch_sizes(C, F, OH, OW)
+    threads = _tap_threads(N, N * F * OH * OW * C * 9)
+    if pool is None:
+        windows, (yp, ip) = _NO_POOL, _no_pool(x.dtype)
+    else:
+        windows, yp, ip = pool
+    bb = b if b is not None else np.zeros(0, dtype=x.dtype)
+    counter = np.zeros(1, np.int64)
+
+    def drain(_):
+        rb, v, mb, s4 = (_workspace(f"wino_{i}", k, x.dtype) for i, k in enumerate(sizes))
+        yy = y if pool is None else \
+            _workspace("wino_y", F * OH * OW, x.dtype).reshape(1, F, OH, OW)
+        _blas.threads_for(0)            # OpenBLAS: one thread per fastbp thread
+        _wg.forward_claimed(x, U, bb, ph, pw, relu, yy, rb, v, mb, s4, windows, yp, ip,
+                            counter)
+    _pool.run_items(drain, threads, threads)
+
+
+def _wino_dx(dz, W, ph, pw, dx):
+    """dx = the flipped-kernel correlation of dz padded by (2 − ph, 2 − pw), by Winograd."""
+    Wf = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    _wino_forward(dz, Wf, None, 2 - ph, 2 - pw, False, dx)
+
+
 def _tap_forward(x, W, b, ph, pw, relu, y, pool=None):
     """y = conv(x) (+ ReLU) by the per-tap GEMMs. With ``pool = (windows, yp, ip)`` (windows
     an int64 array (KH, KW, sh, sw)), y is None and the output is max-pooled group by
@@ -1147,8 +1199,9 @@ def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto"):
 
     x (N, C, H, W) C-contiguous, W (F, C, KH, KW) C-contiguous, b (F,) or (0,) for no bias,
     all of one float dtype; stride, padding: int or (h, w). ``relu`` applies max(·, 0) to
-    the output (fused). method: ``"auto"``, ``"direct"``, ``"gemm"`` or ``"tap"`` (stride 1
-    only; falls back to ``"gemm"`` elsewhere).
+    the output (fused). method: ``"auto"``, ``"direct"``, ``"gemm"``, ``"tap"`` (stride 1
+    only; falls back to ``"gemm"`` elsewhere) or ``"winograd"`` (3×3 kernels at stride 1
+    with padding ≤ 2; falls back to ``"tap"`` elsewhere).
     Returns y (N, F, OH, OW) = b + Σ_c,p,q W[f,c,p,q]·xp[n,c,i·sh+p,j·sw+q].
     Checks are the caller's job (the Conv2D layer validates shapes and dtypes).
     """
@@ -1161,7 +1214,14 @@ def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto"):
     R, P = C * KH * KW, OH * OW
     if method == "auto":
         method = choose_method(C, (sh, sw), 2 * N * F * P * R)
+        if method == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw)):
+            method = "winograd"
     if N == 0 or F == 0 or P == 0:
+        return y
+    if method == "winograd" and not wino_usable(KH, KW, (sh, sw), (ph, pw)):
+        method = "tap"
+    if method == "winograd":
+        _wino_forward(x, W, b, ph, pw, relu, y)
         return y
     if method == "tap" and not tap_usable(C, F, H, Wd, (sh, sw), (ph, pw), KW):
         method = "gemm"
@@ -1242,6 +1302,8 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
       dW[f,c,p,q] = Σ_n,i,j dz[n,f,i,j]·xp[n,c,i·sh+p,j·sw+q].
     - db (F,) = Σ_n,i,j dz[n,f,i,j], or an empty (0,) array when not ``has_bias``.
     Deterministic: every reduction runs in a fixed order whatever the thread count.
+    method: as ``conv2d_forward``; ``"winograd"`` (and ``"auto"`` where the forward picks
+    Winograd) computes dx by Winograd and dW, db on the per-tap GEMMs.
     """
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
@@ -1254,6 +1316,10 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
     work = 2 * N * F * P * R
     if method == "auto":
         wm, xm = choose_backward(C, (sh, sw), work, input_grad)
+        if input_grad and xm == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw)):
+            xm = "winograd"
+    elif method == "winograd":
+        wm, xm = "tap", "winograd"
     else:
         wm = xm = method
     dW = np.zeros((F, C, KH, KW), dtype=dtype)
@@ -1263,8 +1329,21 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
         if dx is not None:
             dx[...] = 0
         return dx, dW, db
+    if xm == "winograd" and not (input_grad and wino_usable(KH, KW, (sh, sw), (ph, pw))):
+        xm = "tap"
     if wm == "tap" and not tap_usable(C, F, H, Wd, (sh, sw), (ph, pw), KW):
         wm = xm = "gemm"
+    if xm == "winograd":                # dW, db on the taps, dx by Winograd from dz
+        dy = np.ascontiguousarray(dy)
+        if relu:
+            dz = np.empty_like(dy)
+            relu_mask(dy.reshape(-1), np.ascontiguousarray(y).reshape(-1), dz.reshape(-1),
+                      work=dy.size)
+        else:
+            dz = dy
+        _tap_backward(x, W, dz, None, ph, pw, False, dW, db, None)
+        _wino_dx(dz, W, ph, pw, dx)
+        return dx, dW, db
     if wm == "tap":
         _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx)
         return dx, dW, db
@@ -1355,6 +1434,16 @@ def conv2d_maxpool_forward(x, W, b, stride=1, padding=0, relu=False, pool_size=2
     POH, POW = _pk.out_size(OH, OW, *windows)
     if method == "auto":
         method = choose_method(C, (sh, sw), 2 * N * F * OH * OW * C * KH * KW)
+        if method == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw)):
+            method = "winograd"
+    if method == "winograd" and wino_usable(KH, KW, (sh, sw), (ph, pw)) and N > 0 and \
+            F > 0 and POH >= 1 and POW >= 1:
+        yp = np.empty((N, F, POH, POW), dtype=x.dtype)
+        idx = np.empty((N, F, POH, POW), dtype=np.int32)
+        _wino_forward(x, W, b, ph, pw, relu, None, (windows, yp, idx))
+        return yp, idx
+    if method == "winograd":
+        method = "tap"
     if method != "tap" or N == 0 or F == 0 or POH < 1 or POW < 1 or \
             not tap_usable(C, F, H, Wd, (sh, sw), (ph, pw), KW):
         y = conv2d_forward(x, W, b, stride, padding, relu,
@@ -1390,6 +1479,8 @@ def conv2d_maxpool_backward(x, W, dyp, idx, yp, stride=1, padding=0, pool_size=2
     if method == "auto":
         method = choose_backward(C, (sh, sw), 2 * N * F * OH * OW * C * KH * KW,
                                  input_grad)[0]
+        if method == "tap" and input_grad and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw)):
+            method = "winograd"             # below: dz made whole, then conv2d_backward
     if method == "tap" and N > 0 and F > 0 and \
             tap_usable(C, F, H, Wd, (sh, sw), (ph, pw), KW):
         dW = np.zeros((F, C, KH, KW), dtype=dtype)

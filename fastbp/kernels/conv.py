@@ -1113,6 +1113,25 @@ def _wino_forward(x, W, b, ph, pw, relu, y, pool=None):
     _pool.run_items(drain, threads, threads)
 
 
+def _wino_dw(x, dz, ph, pw, dW, db):
+    """dW (and db when it has entries) by Winograd from x and the output gradient dz."""
+    N, C = x.shape[0], x.shape[1]
+    F, OH, OW = dz.shape[1], dz.shape[2], dz.shape[3]
+    sizes = _wg.gradient_sizes(C, F, OH, OW)
+    parts = np.empty((N, 16, F, C), dtype=x.dtype)
+    threads = _tap_threads(N, N * F * OH * OW * C * 9)
+    counter = np.zeros(1, np.int64)
+
+    def drain(_):
+        rb, v, g4, d = (_workspace(f"wino_{i}", k, x.dtype) for i, k in enumerate(sizes))
+        _blas.threads_for(0)
+        _wg.dw_claimed(x, dz, ph, pw, rb, v, g4, d, parts, counter)
+    _pool.run_items(drain, threads, threads)
+    dW[...] = _wg.weight_gradient(parts.sum(axis=0))     # in sample order: deterministic
+    if db.shape[0]:
+        db[...] = dz.sum(axis=(0, 2, 3))
+
+
 def _wino_dx(dz, W, ph, pw, dx):
     """dx = the flipped-kernel correlation of dz padded by (2 − ph, 2 − pw), by Winograd."""
     Wf = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
@@ -1341,7 +1360,7 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
                       work=dy.size)
         else:
             dz = dy
-        _tap_backward(x, W, dz, None, ph, pw, False, dW, db, None)
+        _wino_dw(x, dz, ph, pw, dW, db)
         _wino_dx(dz, W, ph, pw, dx)
         return dx, dW, db
     if wm == "tap":

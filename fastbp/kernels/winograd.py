@@ -274,3 +274,141 @@ def forward_claimed(x, U, b, ph, pw, relu, y, Rb, V, Mb, S4, pool, yp, ip, count
             else:
                 _max_serial(y[:1], pool[0], pool[1], pool[2], pool[3], yp[n:n + 1],
                             ip[n:n + 1])
+
+
+# ---------------------------------------------------------------------------- weight gradient
+# With Z[ξ] = Σ_c U[ξ] ⊙ V[ξ] and y = Aᵀ Z A per tile, ∂L/∂Z = A dz Aᵀ (4×4 from the 2×2
+# block of dz), so ∂L/∂U[ξ] (F × C) = Σ_tiles (A dz Aᵀ)[ξ] (F × tiles) · V[ξ]ᵀ: 16 more
+# GEMMs with the tiles as the long inner dimension, and dW[f,c] = Gᵀ (∂L/∂U[f,c]) G.
+def gradient_sizes(C, F, OH, OW):
+    """Entries of the per-thread scratch of ``dw_sample``: (packed input planes, V, the
+    split output gradient planes, the transformed gradient)."""
+    rb, v, _, _ = scratch_sizes(C, F, OH, OW)
+    TH, TW = tiles(OH, OW)
+    n = TH * (TW + 1)
+    return rb, v, 4 * F * n, 16 * F * n
+
+
+@jit(inline="always")
+def _grad_tiles(dz, n, TH, TW, G4, D):
+    """D[ξ·F·nc + f·nc + ti·(TW+1) + j] = (A g Aᵀ)[ξ] for the 2×2 block g of dz[n]
+    (N, F, OH, OW) under tile (ti, j), zero for the junk column and past OH, OW;
+    A = [[1, 0], [1, 1], [1, −1], [0, −1]], nc = TH·(TW+1). G4: scratch of 4·F·nc entries
+    (the blocks' four corners as planes)."""
+    F, OH, OW = dz.shape[1], dz.shape[2], dz.shape[3]
+    P1 = TW + 1
+    nc = TH * P1
+    L = F * nc
+    zero = D.dtype.type(0)
+    half = OW // 2
+    for f in range(F):
+        for i in range(2 * TH):
+            r = i % 2
+            o = f * nc + (i // 2) * P1
+            e = G4[(2 * r) * L + o:(2 * r) * L + o + P1]
+            od = G4[(2 * r + 1) * L + o:(2 * r + 1) * L + o + P1]
+            if i < OH:
+                src = dz[n, f, i]
+                for j in range(half):
+                    e[j] = src[2 * j]
+                    od[j] = src[2 * j + 1]
+                k = half
+                if OW % 2:
+                    e[half] = src[OW - 1]
+                    od[half] = zero
+                    k = half + 1
+                for j in range(k, P1):
+                    e[j] = zero
+                    od[j] = zero
+            else:
+                for j in range(P1):
+                    e[j] = zero
+                    od[j] = zero
+    g00 = G4[0:L]
+    g01 = G4[L:2 * L]
+    g10 = G4[2 * L:3 * L]
+    g11 = G4[3 * L:4 * L]
+    for i in range(4):            # A rows: g0, g0 + g1, g0 − g1, −g1 (then the same on columns)
+        d0 = D[(4 * i) * L:(4 * i) * L + L]
+        d1 = D[(4 * i + 1) * L:(4 * i + 1) * L + L]
+        d2 = D[(4 * i + 2) * L:(4 * i + 2) * L + L]
+        d3 = D[(4 * i + 3) * L:(4 * i + 3) * L + L]
+        if i == 0:
+            for m in range(L):
+                d0[m] = g00[m]
+            for m in range(L):
+                d1[m] = g00[m] + g01[m]
+            for m in range(L):
+                d2[m] = g00[m] - g01[m]
+            for m in range(L):
+                d3[m] = -g01[m]
+        elif i == 1:
+            for m in range(L):
+                d0[m] = g00[m] + g10[m]
+            for m in range(L):
+                d1[m] = (g00[m] + g10[m]) + (g01[m] + g11[m])
+            for m in range(L):
+                d2[m] = (g00[m] + g10[m]) - (g01[m] + g11[m])
+            for m in range(L):
+                d3[m] = -(g01[m] + g11[m])
+        elif i == 2:
+            for m in range(L):
+                d0[m] = g00[m] - g10[m]
+            for m in range(L):
+                d1[m] = (g00[m] - g10[m]) + (g01[m] - g11[m])
+            for m in range(L):
+                d2[m] = (g00[m] - g10[m]) - (g01[m] - g11[m])
+            for m in range(L):
+                d3[m] = -(g01[m] - g11[m])
+        else:
+            for m in range(L):
+                d0[m] = -g10[m]
+            for m in range(L):
+                d1[m] = -(g10[m] + g11[m])
+            for m in range(L):
+                d2[m] = -(g10[m] - g11[m])
+            for m in range(L):
+                d3[m] = g11[m]
+
+
+@jit
+def dw_sample(x, dz, n, ph, pw, Rb, V, G4, D, dU):
+    """dU (16, F, C) = ∂L/∂U from sample n: Σ_tiles (A dz Aᵀ)[ξ] · (Bᵀ d B)[ξ]ᵀ for x (N,
+    C, H, W) padded by (ph, pw) and dz (N, F, OH, OW) (OH = H + 2·ph − 2); overwritten.
+    Rb, V, G4, D: flat scratch of ``gradient_sizes`` entries."""
+    C = x.shape[1]
+    F, OH, OW = dz.shape[1], dz.shape[2], dz.shape[3]
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    P1 = TW + 1
+    Q = (TH + 1) * P1
+    S = C * Q + 8
+    nc = TH * P1
+    Wq = 2 * P1
+    nr = 2 * C * (TH + 1) * Wq + 2 * Wq + 8
+    _pack(x, n, ph, pw, TH, TW, Rb[:nr])
+    _input(Rb[:nr], C, TH, TW, Rb[nr:], V)
+    _grad_tiles(dz, n, TH, TW, G4, D)
+    for xi in range(16):          # dU[ξ] (F × C) = D[ξ] (F × nc) · V[ξ]ᵀ (nc × C)
+        _cblas.gemm0(False, True, F, C, nc, D, xi * F * nc, nc, V, xi * S, Q, 0,
+                     dU, xi * F * C, C)
+
+
+@jit
+def dw_claimed(x, dz, ph, pw, Rb, V, G4, D, parts, counter):
+    """``dw_sample`` for samples claimed from ``counter``, sample n into parts[n]
+    (N, 16, F, C): summed afterwards in sample order, the result does not depend on which
+    thread ran which sample."""
+    N = x.shape[0]
+    while True:
+        n = _pool.claim(counter)
+        if n >= N:
+            return
+        dw_sample(x, dz, n, ph, pw, Rb, V, G4, D, parts[n])
+
+
+def weight_gradient(dU):
+    """dW (F, C, 3, 3) = Gᵀ dU G per (f, c), from dU (16, F, C)."""
+    F, C = dU.shape[1], dU.shape[2]
+    G = np.array(_G, dtype=dU.dtype)
+    X = np.ascontiguousarray(dU.reshape(4, 4, F * C).transpose(2, 0, 1))   # (F·C, 4, 4)
+    return (G.T @ X @ G).reshape(F, C, 3, 3)

@@ -13,7 +13,8 @@ from fastbp.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU
 import naive
 from fd import central_diff
 
-METHODS = ["direct", "gemm", "tap"]    # "tap" falls back to "gemm" for stride > 1
+METHODS = ["direct", "gemm", "tap", "winograd"]  # "tap" falls back to "gemm" for stride > 1,
+# "winograd" to "tap" for kernels other than 3×3 at stride 1
 
 # (stride, padding, kernel) grid; C, F, N and the input size vary along it so that every
 # channel count 1..5, batch 1 and > 1, square and non-square inputs all appear.

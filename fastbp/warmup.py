@@ -197,6 +197,27 @@ def _cells(run, families):
             _pool.claim(np.zeros(1, np.int64))
         if K._cblas.available:
             run.attempt("kernels.conv per-tap rows", conv_tap_rows)
+
+        def conv_winograd():            # "auto" takes it from 16 channels only
+            x, W, b = run.x((2, 2, 6, 6)), run.x((3, 2, 3, 3)), run.x((3,))
+            for relu in (False, True):
+                y = K.conv2d_forward(x, W, b, 1, 1, relu, "winograd")
+                K.conv2d_backward(x, W, run.x(y.shape), 1, 1, True, True,
+                                  y if relu else None, "winograd")
+                for size in (2, 3):     # fused max pooling: the 2×2 kernel, another
+                    yp, idx = K.conv2d_maxpool_forward(x, W, b, 1, 1, relu, size, None,
+                                                       "winograd")
+                    K.conv2d_maxpool_backward(x, W, run.x(yp.shape), idx, yp, 1, 1, size,
+                                              None, True, True, relu, "winograd")
+            U = K._wg.transform_weights(W)      # the claimed loops' bodies, called directly
+            rb, v, mb, s4 = (run.x((k,)) for k in K._wg.scratch_sizes(2, 3, 6, 6))
+            K._wg.forward_sample(x, 0, U, b, 1, 1, True, np.empty((3, 6, 6), x.dtype), rb, v,
+                                 mb, s4)
+            rb, v, g4, d = (run.x((k,)) for k in K._wg.gradient_sizes(2, 3, 6, 6))
+            K._wg.dw_sample(x, run.x((2, 3, 6, 6)), 0, 1, 1, rb, v, g4, d,
+                            np.empty((16, 3, 2), x.dtype))
+        if K._cblas.available:
+            run.attempt("kernels.conv Winograd", conv_winograd)
     if "rnn" in families:
         try:
             R = importlib.import_module("fastbp.kernels.rnn")

@@ -214,3 +214,21 @@ def test_matches_torch(rng):
     dx, dW, db = K.conv2d_backward(x, W, dy, 1, p, True, True, y)
     for got, t in ((dx, xt), (dW, Wt), (db, bt)):
         np.testing.assert_allclose(got, t.grad.numpy(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_pool_nan_and_ties_as_pytorch(relu, rng):
+    """A NaN reaches the windows it touches and wins there (the exact pass); ReLU's zeros
+    tie, and the first of the row-major window order takes the gradient."""
+    x, W, b, p = _data((2, 16, 16, 8, 8, 1, 1), rng)
+    x[1, 3, 4, 5] = np.nan
+    W[:, :, :, :] = np.abs(W)                   # some windows all-zero after ReLU: ties
+    b[:] = -50.0
+    yp, idx = K.conv2d_maxpool_forward(x, W, b, 1, p, relu, 2, None, "winograd")
+    y = naive.conv2d(x, W, b, 1, p)
+    if relu:
+        y = np.where(np.isnan(y), y, np.maximum(y, 0))
+    ryp, ridx = naive.maxpool2d(y, 2)
+    assert np.isnan(yp).any()
+    np.testing.assert_allclose(yp, ryp, rtol=1e-12, atol=1e-12)   # NaNs compare equal
+    np.testing.assert_array_equal(idx, ridx)

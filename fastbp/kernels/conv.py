@@ -1321,8 +1321,8 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
       dW[f,c,p,q] = Σ_n,i,j dz[n,f,i,j]·xp[n,c,i·sh+p,j·sw+q].
     - db (F,) = Σ_n,i,j dz[n,f,i,j], or an empty (0,) array when not ``has_bias``.
     Deterministic: every reduction runs in a fixed order whatever the thread count.
-    method: as ``conv2d_forward``; ``"winograd"`` (and ``"auto"`` where the forward picks
-    Winograd) computes dx by Winograd and dW, db on the per-tap GEMMs.
+    method: as ``conv2d_forward``; with ``"winograd"`` (which ``"auto"`` picks where the
+    forward does) dz is made whole first and dW, db and dx all come from Winograd.
     """
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
@@ -1335,10 +1335,8 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
     work = 2 * N * F * P * R
     if method == "auto":
         wm, xm = choose_backward(C, (sh, sw), work, input_grad)
-        if input_grad and xm == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw)):
-            xm = "winograd"
-    elif method == "winograd":
-        wm, xm = "tap", "winograd"
+        if wm == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw)):
+            wm = xm = "winograd"
     else:
         wm = xm = method
     dW = np.zeros((F, C, KH, KW), dtype=dtype)
@@ -1348,11 +1346,11 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
         if dx is not None:
             dx[...] = 0
         return dx, dW, db
-    if xm == "winograd" and not (input_grad and wino_usable(KH, KW, (sh, sw), (ph, pw))):
-        xm = "tap"
+    if wm == "winograd" and not wino_usable(KH, KW, (sh, sw), (ph, pw)):
+        wm = xm = "tap"
     if wm == "tap" and not tap_usable(C, F, H, Wd, (sh, sw), (ph, pw), KW):
         wm = xm = "gemm"
-    if xm == "winograd":                # dW, db on the taps, dx by Winograd from dz
+    if wm == "winograd":                # dz made whole, then dW, db and dx from it
         dy = np.ascontiguousarray(dy)
         if relu:
             dz = np.empty_like(dy)
@@ -1361,7 +1359,8 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
         else:
             dz = dy
         _wino_dw(x, dz, ph, pw, dW, db)
-        _wino_dx(dz, W, ph, pw, dx)
+        if input_grad:
+            _wino_dx(dz, W, ph, pw, dx)
         return dx, dW, db
     if wm == "tap":
         _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx)
@@ -1498,7 +1497,7 @@ def conv2d_maxpool_backward(x, W, dyp, idx, yp, stride=1, padding=0, pool_size=2
     if method == "auto":
         method = choose_backward(C, (sh, sw), 2 * N * F * OH * OW * C * KH * KW,
                                  input_grad)[0]
-        if method == "tap" and input_grad and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw)):
+        if method == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw)):
             method = "winograd"             # below: dz made whole, then conv2d_backward
     if method == "tap" and N > 0 and F > 0 and \
             tap_usable(C, F, H, Wd, (sh, sw), (ph, pw), KW):

@@ -60,7 +60,7 @@ def scratch_sizes(C, F, OH, OW):
     e4 = 4 * (C * Q + 2 * P1 + 8)
     v = 16 * (C * Q + 8)
     n = TH * P1
-    return rb + e4, v, 16 * F * n, 12 * F * n
+    return rb + e4, v, 16 * F * n, 8 * F * n
 
 
 @jit(inline="always")
@@ -163,16 +163,12 @@ def _input(Rb, C, TH, TW, E4, V):
 
 
 @jit(inline="always")
-def _output(Mb, F, TH, TW, b, relu, S4, yn):
-    """yn (F, OH, OW) = Aᵀ M A + b (then max(·, 0) if ``relu``) per tile, from the GEMM
-    products Mb[ξ·F·n + f·n + ti·(TW+1) + j] (n = TH·(TW+1)). S4: scratch (12·F·n)."""
-    P1 = TW + 1
-    n = TH * P1
-    L = F * n
-    OH, OW = yn.shape[1], yn.shape[2]
-    zero = yn.dtype.type(0)
-    has_bias = b.shape[0] > 0
-    for s in range(4):            # Aᵀ rows: r0 = m0 + m1 + m2, r1 = m1 − m2 − m3 (column s)
+def _rows(Mb, F, TH, TW, S4):
+    """The row half of Aᵀ M A for every tile: S4[s·L + m] = m0 + m1 + m2 and
+    S4[(4 + s)·L + m] = m1 − m2 − m3 for column s of the 4×4 products Mb[ξ·L + m]
+    (ξ = 4·i + s, L = F·TH·(TW+1))."""
+    L = F * TH * (TW + 1)
+    for s in range(4):
         m0 = Mb[s * L:s * L + L]
         m1 = Mb[(4 + s) * L:(4 + s) * L + L]
         m2 = Mb[(8 + s) * L:(8 + s) * L + L]
@@ -183,17 +179,21 @@ def _output(Mb, F, TH, TW, b, relu, S4, yn):
             r0[m] = m0[m] + m1[m] + m2[m]
         for m in range(L):
             r1[m] = m1[m] - m2[m] - m3[m]
-    for r in range(2):            # then the columns: (c0 + c1 + c2, c1 − c2 − c3)
-        c0 = S4[(4 * r) * L:(4 * r) * L + L]
-        c1 = S4[(4 * r + 1) * L:(4 * r + 1) * L + L]
-        c2 = S4[(4 * r + 2) * L:(4 * r + 2) * L + L]
-        c3 = S4[(4 * r + 3) * L:(4 * r + 3) * L + L]
-        e = S4[(8 + 2 * r) * L:(8 + 2 * r) * L + L]
-        o = S4[(9 + 2 * r) * L:(9 + 2 * r) * L + L]
-        for m in range(L):
-            e[m] = c0[m] + c1[m] + c2[m]
-        for m in range(L):
-            o[m] = c1[m] - c2[m] - c3[m]
+
+
+@jit(inline="always")
+def _output(Mb, F, TH, TW, b, relu, S4, yn):
+    """yn (F, OH, OW) = Aᵀ M A + b (then max(·, 0) if ``relu``) per tile, from the GEMM
+    products Mb[ξ·F·n + f·n + ti·(TW+1) + j] (n = TH·(TW+1)). S4: scratch (8·F·n). The
+    column half (c0 + c1 + c2, c1 − c2 − c3) is computed as the two output columns of
+    each tile are written."""
+    P1 = TW + 1
+    n = TH * P1
+    L = F * n
+    OH, OW = yn.shape[1], yn.shape[2]
+    zero = yn.dtype.type(0)
+    has_bias = b.shape[0] > 0
+    _rows(Mb, F, TH, TW, S4)
     half = OW // 2
     for f in range(F):
         bf = b[f] if has_bias else zero
@@ -202,38 +202,90 @@ def _output(Mb, F, TH, TW, b, relu, S4, yn):
                 i = 2 * ti + r
                 if i >= OH:
                     continue
-                base = f * n + ti * P1
-                e = S4[(8 + 2 * r) * L + base:(8 + 2 * r) * L + base + P1]
-                o = S4[(9 + 2 * r) * L + base:(9 + 2 * r) * L + base + P1]
+                o = (4 * r) * L + f * n + ti * P1
+                c0 = S4[o:o + P1]
+                c1 = S4[o + L:o + L + P1]
+                c2 = S4[o + 2 * L:o + 2 * L + P1]
+                c3 = S4[o + 3 * L:o + 3 * L + P1]
                 dst = yn[f, i]
                 if relu:
                     for j in range(half):
-                        u = e[j] + bf
-                        w = o[j] + bf
+                        u = c0[j] + c1[j] + c2[j] + bf
+                        w = c1[j] - c2[j] - c3[j] + bf
                         dst[2 * j] = u if not u < zero else zero
                         dst[2 * j + 1] = w if not w < zero else zero
-                    if OW % 2:
-                        u = e[half] + bf
-                        dst[OW - 1] = u if not u < zero else zero
                 else:
                     for j in range(half):
-                        dst[2 * j] = e[j] + bf
-                        dst[2 * j + 1] = o[j] + bf
-                    if OW % 2:
-                        dst[OW - 1] = e[half] + bf
+                        dst[2 * j] = c0[j] + c1[j] + c2[j] + bf
+                        dst[2 * j + 1] = c1[j] - c2[j] - c3[j] + bf
+                if OW % 2:
+                    u = c0[half] + c1[half] + c2[half] + bf
+                    dst[OW - 1] = u if (not relu or not u < zero) else zero
 
 
-@jit
-def forward_sample(x, n, U, b, ph, pw, relu, yn, Rb, V, Mb, S4):
-    """yn (F, OH, OW) = the 3×3 stride-1 cross-correlation of sample n of x (N, C, H, W),
-    zero-padded by (ph, pw), + b (F,) or (0,) for none, then max(·, 0) if ``relu``:
-    yn[f,i,j] = b[f] + Σ_c,p,q w[f,c,p,q]·xpad[c,i+p,j+q], through U = transform_weights(w)
-    (16, F, C). Rb, V, Mb, S4: flat scratch of ``scratch_sizes`` entries. The GEMMs run on
-    the calling thread's OpenBLAS (the caller sets one thread)."""
+@jit(inline="always")
+def _output_pool2(Mb, F, TH, TW, b, relu, S4, OW, ypn, ipn):
+    """``_output`` then 2×2 max pooling with stride 2, without storing the output: pooling
+    window (i, j) is exactly tile (i, j)'s 2×2 block. ypn, ipn (F, POH, POW): the window
+    max and its flat index in the (OH, OW) output plane, first of the row-major order on
+    ties (``fastbp.kernels.pool.max_forward``). Returns True when a window holds a NaN
+    (then the caller redoes the sample exactly: NaN wins there)."""
+    P1 = TW + 1
+    n = TH * P1
+    L = F * n
+    POH, POW = ypn.shape[1], ypn.shape[2]
+    zero = ypn.dtype.type(0)
+    has_bias = b.shape[0] > 0
+    _rows(Mb, F, TH, TW, S4)
+    bad = False
+    for f in range(F):
+        bf = b[f] if has_bias else zero
+        for ti in range(POH):
+            o = f * n + ti * P1
+            a0 = S4[o:o + P1]
+            a1 = S4[o + L:o + L + P1]
+            a2 = S4[o + 2 * L:o + 2 * L + P1]
+            a3 = S4[o + 3 * L:o + 3 * L + P1]
+            c0 = S4[o + 4 * L:o + 4 * L + P1]
+            c1 = S4[o + 5 * L:o + 5 * L + P1]
+            c2 = S4[o + 6 * L:o + 6 * L + P1]
+            c3 = S4[o + 7 * L:o + 7 * L + P1]
+            yr = ypn[f, ti]
+            ir = ipn[f, ti]
+            base = 2 * ti * OW
+            for j in range(POW):
+                v00 = a0[j] + a1[j] + a2[j] + bf
+                v01 = a1[j] - a2[j] - a3[j] + bf
+                v10 = c0[j] + c1[j] + c2[j] + bf
+                v11 = c1[j] - c2[j] - c3[j] + bf
+                if relu:
+                    v00 = v00 if not v00 < zero else zero
+                    v01 = v01 if not v01 < zero else zero
+                    v10 = v10 if not v10 < zero else zero
+                    v11 = v11 if not v11 < zero else zero
+                u = (v00 + v01) + (v10 + v11)
+                bad |= u != u
+                best = v00
+                arg = base + 2 * j
+                if v01 > best:
+                    best = v01
+                    arg = base + 2 * j + 1
+                if v10 > best:
+                    best = v10
+                    arg = base + OW + 2 * j
+                if v11 > best:
+                    best = v11
+                    arg = base + OW + 2 * j + 1
+                yr[j] = best
+                ir[j] = arg
+    return bad
+
+
+@jit(inline="always")
+def _products(x, n, U, ph, pw, TH, TW, Rb, V, Mb):
+    """Mb[ξ] (F × TH·(TW+1)) = U[ξ] · V[ξ] for sample n: pack, input transform, 16 GEMMs."""
     C = x.shape[1]
     F = U.shape[1]
-    OH, OW = yn.shape[1], yn.shape[2]
-    TH, TW = (OH + 1) // 2, (OW + 1) // 2
     P1 = TW + 1
     Q = (TH + 1) * P1
     S = C * Q + 8
@@ -245,7 +297,29 @@ def forward_sample(x, n, U, b, ph, pw, relu, yn, Rb, V, Mb, S4):
     for xi in range(16):          # M[ξ] (F × ncol) = U[ξ] (F × C) · V[ξ] (C × ncol, rows Q apart)
         _cblas.gemm0(False, False, F, ncol, C, U, xi * F * C, C, V, xi * S, Q, 0,
                      Mb, xi * F * ncol, ncol)
-    _output(Mb, F, TH, TW, b, relu, S4, yn)
+
+
+@jit
+def forward_sample(x, n, U, b, ph, pw, relu, yn, Rb, V, Mb, S4):
+    """yn (F, OH, OW) = the 3×3 stride-1 cross-correlation of sample n of x (N, C, H, W),
+    zero-padded by (ph, pw), + b (F,) or (0,) for none, then max(·, 0) if ``relu``:
+    yn[f,i,j] = b[f] + Σ_c,p,q w[f,c,p,q]·xpad[c,i+p,j+q], through U = transform_weights(w)
+    (16, F, C). Rb, V, Mb, S4: flat scratch of ``scratch_sizes`` entries. The GEMMs run on
+    the calling thread's OpenBLAS (the caller sets one thread)."""
+    OH, OW = yn.shape[1], yn.shape[2]
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    _products(x, n, U, ph, pw, TH, TW, Rb, V, Mb)
+    _output(Mb, U.shape[1], TH, TW, b, relu, S4, yn)
+
+
+@jit
+def forward_pool2_sample(x, n, U, b, ph, pw, relu, OH, OW, ypn, ipn, Rb, V, Mb, S4):
+    """``forward_sample`` followed by 2×2 max pooling with stride 2 into ypn, ipn
+    (F, OH//2, OW//2), the output itself never stored. Returns True when a pooling
+    window held a NaN (ypn, ipn then need the exact pass)."""
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    _products(x, n, U, ph, pw, TH, TW, Rb, V, Mb)
+    return _output_pool2(Mb, U.shape[1], TH, TW, b, relu, S4, OW, ypn, ipn)
 
 
 _max2_serial = _pk.max_forward_2x2.serial
@@ -266,6 +340,11 @@ def forward_claimed(x, U, b, ph, pw, relu, y, Rb, V, Mb, S4, pool, yp, ip, count
         n = _pool.claim(counter)
         if n >= N:
             return
+        if pooled and two:       # pooled straight from the tiles; a NaN: the exact pass
+            OH, OW = y.shape[2], y.shape[3]
+            if not forward_pool2_sample(x, n, U, b, ph, pw, relu, OH, OW, yp[n], ip[n],
+                                        Rb, V, Mb, S4):
+                continue
         k = 0 if pooled else n
         forward_sample(x, n, U, b, ph, pw, relu, y[k], Rb, V, Mb, S4)
         if pooled:

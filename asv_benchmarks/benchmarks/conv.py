@@ -1,7 +1,8 @@
 """Conv2D kernels: forward and backward on the DESIGN.md CNN layer shapes.
 
 ``Conv2D`` times the public kernels (algorithm picked by shape, or forced to ``direct`` /
-``gemm`` / ``tap`` to measure the crossover; ``tap`` runs ``gemm`` for stride > 1). ``track_gflops_*`` report the achieved GFLOP/s
+``gemm`` / ``tap`` / ``winograd`` to measure the crossovers; ``tap`` runs ``gemm`` for
+stride > 1, ``winograd`` runs ``tap`` for kernels other than 3×3 at stride 1). ``track_gflops_*`` report the achieved GFLOP/s
 (2·N·F·OH·OW·C·KH·KW per pass; backward = dW + dx = twice that). ``ConvDispatch`` times
 the serial and the parallel build of the packing/direct kernels at growing work sizes,
 which is how the ``conv`` family threshold in ``fastbp/config.py`` is measured.
@@ -19,6 +20,7 @@ SHAPES = {
     "lenet_conv2": (64, 8, 16, 12, 12, 5, 1, 0),
     "cifar_conv1": (32, 3, 32, 32, 32, 3, 1, 1),
     "cifar_conv2": (32, 32, 32, 32, 32, 3, 1, 1),
+    "conv3x3_16ch": (32, 16, 16, 32, 32, 3, 1, 1),     # the Winograd crossover's region
     "strided": (16, 16, 32, 32, 32, 3, 2, 1),
 }
 
@@ -49,7 +51,8 @@ def _median_time(f, repeat=7):
 
 
 class Conv2D:
-    params = smoke((list(SHAPES), ["float32", "float64"], ["auto", "direct", "gemm", "tap"]))
+    params = smoke((list(SHAPES), ["float32", "float64"], ["auto", "direct", "gemm", "tap",
+                                                            "winograd"]))
     param_names = ["shape", "dtype", "method"]
     timeout = 300
 

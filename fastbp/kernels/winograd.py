@@ -391,14 +391,11 @@ def _grad_tiles(dz, n, TH, TW, G4, D):
                 for j in range(half):
                     e[j] = src[2 * j]
                     od[j] = src[2 * j + 1]
-                k = half
-                if OW % 2:
-                    e[half] = src[OW - 1]
-                    od[half] = zero
-                    k = half + 1
-                for j in range(k, P1):
-                    e[j] = zero
-                    od[j] = zero
+                e[half] = src[OW - 1] if OW % 2 else zero     # then the junk column
+                od[half] = zero
+                if half + 1 < P1:
+                    e[half + 1] = zero
+                    od[half + 1] = zero
             else:
                 for j in range(P1):
                     e[j] = zero

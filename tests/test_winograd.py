@@ -142,41 +142,45 @@ def test_inputs_not_mutated(rng):
 
 
 def test_dispatch(monkeypatch):
-    assert K.wino_chosen(32, 32, 3, 3, (1, 1), (1, 1))
-    assert K.wino_chosen(16, 16, 3, 3, (1, 1), (2, 0))
-    assert not K.wino_chosen(8, 32, 3, 3, (1, 1), (1, 1))         # thin GEMMs
-    assert not K.wino_chosen(32, 8, 3, 3, (1, 1), (1, 1))
-    assert not K.wino_chosen(32, 32, 5, 5, (1, 1), (1, 1))        # not 3×3
-    assert not K.wino_chosen(32, 32, 3, 3, (2, 2), (1, 1))        # not stride 1
-    assert not K.wino_chosen(32, 32, 3, 3, (1, 1), (3, 1))        # dx would pad by −1
+    ok = (3, 3, (1, 1), (1, 1), 32, 32)         # kernel, stride, padding, output plane
+    assert K.wino_chosen(32, 32, *ok)
+    assert K.wino_chosen(16, 32, *ok) and K.wino_chosen(32, 16, *ok)
+    assert not K.wino_chosen(16, 16, *ok)                          # C·F too small
+    assert not K.wino_chosen(8, 64, *ok)                           # thin GEMMs
+    assert not K.wino_chosen(32, 32, 3, 3, (1, 1), (1, 1), 12, 12)  # small planes
+    assert K.wino_chosen(32, 32, 3, 3, (1, 1), (2, 0), 16, 16)
+    assert not K.wino_chosen(32, 32, 5, 5, (1, 1), (1, 1), 32, 32)  # not 3×3
+    assert not K.wino_chosen(32, 32, 3, 3, (2, 2), (1, 1), 32, 32)  # not stride 1
+    assert not K.wino_chosen(32, 32, 3, 3, (1, 1), (3, 1), 32, 32)  # dx would pad by −1
     # auto runs Winograd where chosen (the kernel entry is replaced to observe it)
     calls = []
     real = K._wino_forward
     monkeypatch.setattr(K, "_wino_forward", lambda *a, **k: (calls.append(1), real(*a, **k)))
-    x = np.zeros((4, 16, 12, 12), np.float32)
-    W = np.zeros((16, 16, 3, 3), np.float32)
-    K.conv2d_forward(x, W, np.zeros(16, np.float32), 1, 1)
+    x = np.zeros((2, 32, 16, 16), np.float32)
+    W = np.zeros((32, 32, 3, 3), np.float32)
+    K.conv2d_forward(x, W, np.zeros(32, np.float32), 1, 1)
     assert calls
     calls.clear()
-    K.conv2d_forward(x, W[:, :, :2, :2].copy(), np.zeros(16, np.float32), 1, 1)
+    K.conv2d_forward(x, W[:, :, :2, :2].copy(), np.zeros(32, np.float32), 1, 1)
     assert not calls
     # a shape Winograd cannot run falls back to the taps even when asked by name
-    y = K.conv2d_forward(x[:, :, :6, :6], W, np.zeros(16, np.float32), 1, 3, False,
+    y = K.conv2d_forward(x[:, :, :6, :6], W, np.zeros(32, np.float32), 1, 3, False,
                          "winograd")
-    assert y.shape == (4, 16, 10, 10)
+    assert y.shape == (2, 32, 10, 10) and not calls
 
 
 def test_layer_gradcheck_on_winograd_shape(rng):
-    """A Conv2D that "auto" runs on Winograd (16 channels in and out), checked end to end
-    by finite differences on a few weights and inputs."""
-    layer = Conv2D(16, 16, 3, padding=1)
+    """A Conv2D that "auto" runs on Winograd (16 channels in, 32 out, 16×16 planes),
+    checked end to end by finite differences on a few weights and inputs."""
+    layer = Conv2D(16, 32, 3, padding=1)
     params = layer.init(rng, np.float64)
-    x = rng.standard_normal((2, 16, 6, 6))
+    x = rng.standard_normal((1, 16, 16, 16))
+    assert K.wino_chosen(16, 32, 3, 3, (1, 1), (1, 1), 16, 16)
     y, cache = layer.forward(params, x)
     g = rng.standard_normal(y.shape)
     dx, grads = layer.backward(params, cache, g)
-    pos = [(0, 3, 2, 2), (1, 15, 0, 5), (0, 0, 5, 0)]
-    wpos = [(0, 0, 0, 0), (7, 3, 1, 2), (15, 15, 2, 2)]
+    pos = [(0, 3, 2, 2), (0, 15, 0, 15), (0, 0, 15, 0)]
+    wpos = [(0, 0, 0, 0), (7, 3, 1, 2), (31, 15, 2, 2)]
     eps = 1e-6
 
     def loss():
@@ -202,12 +206,13 @@ def test_layer_gradcheck_on_winograd_shape(rng):
 
 def test_matches_torch(rng):
     torch = pytest.importorskip("torch")
-    x, W, b, p = _data((3, 16, 20, 11, 10, 1, 1), rng, np.float32)
+    x, W, b, p = _data((2, 16, 32, 16, 17, 1, 1), rng, np.float32)
+    assert K.wino_chosen(16, 32, 3, 3, (1, 1), p, 16, 17)
     xt = torch.tensor(x, requires_grad=True)
     Wt = torch.tensor(W, requires_grad=True)
     bt = torch.tensor(b, requires_grad=True)
     yt = torch.relu(torch.nn.functional.conv2d(xt, Wt, bt, padding=p))
-    y = K.conv2d_forward(x, W, b, 1, p, True)          # auto: Winograd at 16 channels
+    y = K.conv2d_forward(x, W, b, 1, p, True)          # auto: Winograd
     np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-4, atol=1e-4)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     yt.backward(torch.tensor(dy))

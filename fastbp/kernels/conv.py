@@ -99,12 +99,18 @@ TAP_GROUP_ELEMENTS = 1 << 17
 # 3.7M 0.23 → 0.26, 7.1M 0.23 → 0.20, 7.4M 0.44 → 0.38, 28M 0.93 → 0.76; backward 1.8M
 # (dW only 0.9M) 0.33 → 0.35, 3.3M+ 0.62 → 0.46, 13M+ 2.16 → 1.14.
 SPLIT_MACS = 1 << 22
-# Winograd F(2×2, 3×3) (``fastbp.kernels.winograd``) for 3×3 kernels at stride 1 from this
-# many input and output channels (the GEMMs are F × C by C × tiles: thin channel counts
-# starve them). One thread, AMD EPYC (Zen 4), forward ms, Winograd vs per-tap GEMMs:
-# 32×32×32×32 32@3×3 p1 5.05 vs 9.04; 32×16×32×32 16@ 1.93 vs 2.24; 32×64×16×16 64@ 4.47
-# vs 8.92; 64×8×12×12 16@ 0.58 vs 0.37 (so not at 8 channels).
+# Winograd F(2×2, 3×3) (``fastbp.kernels.winograd``) for 3×3 kernels at stride 1 with at
+# least WINO_MIN_CHANNELS input and output channels, WINO_MIN_CHANNEL_PRODUCT for C·F (the
+# GEMMs are F × C by C × tiles: thin channel counts starve them while the transforms cost
+# the same) and WINO_MIN_PIXELS outputs per plane (small planes carry proportionally more
+# junk tiles). Alternating runs, 2 threads, AMD EPYC (Zen 4), Winograd / per-tap time for
+# forward, dW-only and dW+dx backward (N×C×H×W F@3×3 p1): 32×8×32² 8@ 1.52, 1.47, 1.75;
+# 32×12×32² 12@ 1.08, 1.34, 1.40; 32×16×32² 16@ 1.06, 1.21, 1.26; 32×24×32² 24@ 0.81,
+# 0.89, 0.92; 32×32×32² 32@ 0.64, 0.92, 0.82; 32×64×16² 64@ 0.82, 0.96, 0.99; 32×32×32²
+# 16@ 0.69, 0.74, 0.79; 32×16×32² 32@ 0.72, 1.02, 1.03; 64×16×12² 32@ 1.26, 1.08, 1.24.
 WINO_MIN_CHANNELS = 16
+WINO_MIN_CHANNEL_PRODUCT = 512
+WINO_MIN_PIXELS = 256
 
 
 def out_size(H, Wd, KH, KW, sh, sw, ph, pw):
@@ -1081,10 +1087,11 @@ def wino_usable(KH, KW, stride, padding):
             and max(padding) <= 2)
 
 
-def wino_chosen(C, F, KH, KW, stride, padding):
+def wino_chosen(C, F, KH, KW, stride, padding, OH, OW):
     """``"auto"`` runs Winograd: usable, with at least WINO_MIN_CHANNELS input and output
-    channels."""
-    return wino_usable(KH, KW, stride, padding) and min(C, F) >= WINO_MIN_CHANNELS
+    channels, C·F ≥ WINO_MIN_CHANNEL_PRODUCT and OH·OW ≥ WINO_MIN_PIXELS."""
+    return (wino_usable(KH, KW, stride, padding) and min(C, F) >= WINO_MIN_CHANNELS
+            and C * F >= WINO_MIN_CHANNEL_PRODUCT and OH * OW >= WINO_MIN_PIXELS)
 
 
 def _wino_forward(x, W, b, ph, pw, relu, y, pool=None):
@@ -1233,7 +1240,7 @@ def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto"):
     R, P = C * KH * KW, OH * OW
     if method == "auto":
         method = choose_method(C, (sh, sw), 2 * N * F * P * R)
-        if method == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw)):
+        if method == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw), OH, OW):
             method = "winograd"
     if N == 0 or F == 0 or P == 0:
         return y
@@ -1335,7 +1342,7 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
     work = 2 * N * F * P * R
     if method == "auto":
         wm, xm = choose_backward(C, (sh, sw), work, input_grad)
-        if wm == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw)):
+        if wm == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw), OH, OW):
             wm = xm = "winograd"
     else:
         wm = xm = method
@@ -1452,7 +1459,7 @@ def conv2d_maxpool_forward(x, W, b, stride=1, padding=0, relu=False, pool_size=2
     POH, POW = _pk.out_size(OH, OW, *windows)
     if method == "auto":
         method = choose_method(C, (sh, sw), 2 * N * F * OH * OW * C * KH * KW)
-        if method == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw)):
+        if method == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw), OH, OW):
             method = "winograd"
     if method == "winograd" and wino_usable(KH, KW, (sh, sw), (ph, pw)) and N > 0 and \
             F > 0 and POH >= 1 and POW >= 1:
@@ -1497,7 +1504,7 @@ def conv2d_maxpool_backward(x, W, dyp, idx, yp, stride=1, padding=0, pool_size=2
     if method == "auto":
         method = choose_backward(C, (sh, sw), 2 * N * F * OH * OW * C * KH * KW,
                                  input_grad)[0]
-        if method == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw)):
+        if method == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw), OH, OW):
             method = "winograd"             # below: dz made whole, then conv2d_backward
     if method == "tap" and N > 0 and F > 0 and \
             tap_usable(C, F, H, Wd, (sh, sw), (ph, pw), KW):

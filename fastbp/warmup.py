@@ -213,6 +213,8 @@ def _cells(run, families):
             rb, v, mb, s4 = (run.x((k,)) for k in K._wg.scratch_sizes(2, 3, 6, 6))
             K._wg.forward_sample(x, 0, U, b, 1, 1, True, np.empty((3, 6, 6), x.dtype), rb, v,
                                  mb, s4)
+            K._wg.products(x, 0, U, 1, 1, 3, 3, rb, v, mb)
+            K._wg.transform_input(x, 0, 1, 1, 3, 3, rb, v)
             K._wg.forward_pool2_sample(x, 0, U, b, 1, 1, True, 6, 6,
                                        np.empty((3, 3, 3), x.dtype),
                                        np.empty((3, 3, 3), np.int32), rb, v, mb, s4)

@@ -281,19 +281,30 @@ def _output_pool2(Mb, F, TH, TW, b, relu, S4, OW, ypn, ipn):
     return bad
 
 
-@jit(inline="always")
-def _products(x, n, U, ph, pw, TH, TW, Rb, V, Mb):
-    """Mb[ξ] (F × TH·(TW+1)) = U[ξ] · V[ξ] for sample n: pack, input transform, 16 GEMMs."""
+# The pieces below are compiled once each and called (not inlined) from the per-sample
+# kernels: a call per sample costs nothing measurable, and each inlined copy of the
+# transforms added seconds to the first compile.
+@jit
+def transform_input(x, n, ph, pw, TH, TW, Rb, V):
+    """V = the transformed tiles of sample n of x padded by (ph, pw) (``_pack``, ``_input``);
+    Rb: flat scratch of ``scratch_sizes(...)[0]`` entries."""
+    C = x.shape[1]
+    Wq = 2 * (TW + 1)
+    nr = 2 * C * (TH + 1) * Wq + 2 * Wq + 8
+    _pack(x, n, ph, pw, TH, TW, Rb[:nr])
+    _input(Rb[:nr], C, TH, TW, Rb[nr:], V)
+
+
+@jit
+def products(x, n, U, ph, pw, TH, TW, Rb, V, Mb):
+    """Mb[ξ] (F × TH·(TW+1)) = U[ξ] · V[ξ] for sample n: input transform, 16 GEMMs."""
     C = x.shape[1]
     F = U.shape[1]
     P1 = TW + 1
     Q = (TH + 1) * P1
     S = C * Q + 8
     ncol = TH * P1
-    Wq = 2 * P1
-    nr = 2 * C * (TH + 1) * Wq + 2 * Wq + 8
-    _pack(x, n, ph, pw, TH, TW, Rb[:nr])
-    _input(Rb[:nr], C, TH, TW, Rb[nr:], V)
+    transform_input(x, n, ph, pw, TH, TW, Rb, V)
     for xi in range(16):          # M[ξ] (F × ncol) = U[ξ] (F × C) · V[ξ] (C × ncol, rows Q apart)
         _cblas.gemm0(False, False, F, ncol, C, U, xi * F * C, C, V, xi * S, Q, 0,
                      Mb, xi * F * ncol, ncol)
@@ -308,7 +319,7 @@ def forward_sample(x, n, U, b, ph, pw, relu, yn, Rb, V, Mb, S4):
     the calling thread's OpenBLAS (the caller sets one thread)."""
     OH, OW = yn.shape[1], yn.shape[2]
     TH, TW = (OH + 1) // 2, (OW + 1) // 2
-    _products(x, n, U, ph, pw, TH, TW, Rb, V, Mb)
+    products(x, n, U, ph, pw, TH, TW, Rb, V, Mb)
     _output(Mb, U.shape[1], TH, TW, b, relu, S4, yn)
 
 
@@ -318,7 +329,7 @@ def forward_pool2_sample(x, n, U, b, ph, pw, relu, OH, OW, ypn, ipn, Rb, V, Mb, 
     (F, OH//2, OW//2), the output itself never stored. Returns True when a pooling
     window held a NaN (ypn, ipn then need the exact pass)."""
     TH, TW = (OH + 1) // 2, (OW + 1) // 2
-    _products(x, n, U, ph, pw, TH, TW, Rb, V, Mb)
+    products(x, n, U, ph, pw, TH, TW, Rb, V, Mb)
     return _output_pool2(Mb, U.shape[1], TH, TW, b, relu, S4, OW, ypn, ipn)
 
 
@@ -459,10 +470,7 @@ def dw_sample(x, dz, n, ph, pw, Rb, V, G4, D, dU):
     Q = (TH + 1) * P1
     S = C * Q + 8
     nc = TH * P1
-    Wq = 2 * P1
-    nr = 2 * C * (TH + 1) * Wq + 2 * Wq + 8
-    _pack(x, n, ph, pw, TH, TW, Rb[:nr])
-    _input(Rb[:nr], C, TH, TW, Rb[nr:], V)
+    transform_input(x, n, ph, pw, TH, TW, Rb, V)
     _grad_tiles(dz, n, TH, TW, G4, D)
     for xi in range(16):          # dU[ξ] (F × C) = D[ξ] (F × nc) · V[ξ]ᵀ (nc × C)
         _cblas.gemm0(False, True, F, C, nc, D, xi * F * nc, nc, V, xi * S, Q, 0,

@@ -22,3 +22,14 @@ def central_diff(f, a, eps=1e-6):
 def central_diffs(f, arrays, eps=1e-6):
     """``central_diff`` of ``f()`` w.r.t. each array of ``arrays``, as a list."""
     return [central_diff(f, a, eps) for a in arrays]
+
+
+def central_diff_at(f, a, index, eps=1e-6):
+    """``central_diff`` for the single entry ``a[index]``: (f(a + eps e) − f(a − eps e)) / 2eps."""
+    old = a[index]
+    a[index] = old + eps
+    lp = f()
+    a[index] = old - eps
+    lm = f()
+    a[index] = old
+    return (lp - lm) / (2 * eps)

@@ -10,7 +10,7 @@ from fastbp.kernels import winograd as Wg
 from fastbp.layers import Conv2D
 
 import naive
-from fd import central_diff
+from fd import central_diff, central_diff_at
 
 pytestmark = pytest.mark.skipif(not K._cblas.available,
                                 reason="SciPy's BLAS has no scipy_cblas_*gemm")
@@ -181,27 +181,12 @@ def test_layer_gradcheck_on_winograd_shape(rng):
     dx, grads = layer.backward(params, cache, g)
     pos = [(0, 3, 2, 2), (0, 15, 0, 15), (0, 0, 15, 0)]
     wpos = [(0, 0, 0, 0), (7, 3, 1, 2), (31, 15, 2, 2)]
-    eps = 1e-6
 
     def loss():
         return float(np.sum(g * layer.forward(params, x)[0]))
-    for i in pos:
-        old = x[i]
-        x[i] = old + eps
-        lp = loss()
-        x[i] = old - eps
-        lm = loss()
-        x[i] = old
-        assert abs((lp - lm) / (2 * eps) - dx[i]) < 1e-6 * max(1, abs(dx[i]))
-    for i in wpos:
-        Wt = params["W"]
-        old = Wt[i]
-        Wt[i] = old + eps
-        lp = loss()
-        Wt[i] = old - eps
-        lm = loss()
-        Wt[i] = old
-        assert abs((lp - lm) / (2 * eps) - grads["W"][i]) < 1e-6 * max(1, abs(grads["W"][i]))
+    for arr, grad, where in ((x, dx, pos), (params["W"], grads["W"], wpos)):
+        for i in where:
+            assert abs(central_diff_at(loss, arr, i) - grad[i]) < 1e-6 * max(1, abs(grad[i]))
 
 
 def test_matches_torch(rng):

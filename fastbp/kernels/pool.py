@@ -68,6 +68,25 @@ def _max_plane(xp, KH, KW, sh, sw, yp, ip):
 
 
 @jit(inline="always")
+def max4(a, b, c, d, i0, Wd):
+    """(max, flat index) of the 2×2 window [[a, b], [c, d]] whose top-left entry has flat
+    index i0 in a plane Wd wide: the first of a, b, c, d on ties (NaN-free values; PyTorch's
+    rule)."""
+    best = a
+    arg = i0
+    if b > best:
+        best = b
+        arg = i0 + 1
+    if c > best:
+        best = c
+        arg = i0 + Wd
+    if d > best:
+        best = d
+        arg = i0 + Wd + 1
+    return best, arg
+
+
+@jit(inline="always")
 def _max_plane_2x2(xp, yp, ip):
     """``_max_plane`` for the 2×2 window with stride 2, unrolled. A window's sum is NaN
     when it holds a NaN (or inf − inf: then the exact pass is merely redundant). OR-ing
@@ -89,19 +108,7 @@ def _max_plane_2x2(xp, yp, ip):
             d = r1[2 * j + 1]
             u = (a + b) + (c + d)
             bad |= u != u
-            best = a
-            arg = base + 2 * j
-            if b > best:
-                best = b
-                arg = base + 2 * j + 1
-            if c > best:
-                best = c
-                arg = base + Wd + 2 * j
-            if d > best:
-                best = d
-                arg = base + Wd + 2 * j + 1
-            yr[j] = best
-            ir[j] = arg
+            yr[j], ir[j] = max4(a, b, c, d, base + 2 * j, Wd)
     if bad:
         _max_plane_exact(xp, 2, 2, 2, 2, yp, ip)
 

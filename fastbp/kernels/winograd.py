@@ -265,19 +265,7 @@ def _output_pool2(Mb, F, TH, TW, b, relu, S4, OW, ypn, ipn):
                     v11 = v11 if not v11 < zero else zero
                 u = (v00 + v01) + (v10 + v11)
                 bad |= u != u
-                best = v00
-                arg = base + 2 * j
-                if v01 > best:
-                    best = v01
-                    arg = base + 2 * j + 1
-                if v10 > best:
-                    best = v10
-                    arg = base + OW + 2 * j
-                if v11 > best:
-                    best = v11
-                    arg = base + OW + 2 * j + 1
-                yr[j] = best
-                ir[j] = arg
+                yr[j], ir[j] = _pk.max4(v00, v01, v10, v11, base + 2 * j, OW)
     return bad
 
 

@@ -9,13 +9,7 @@ def central_diff(f, a, eps=1e-6):
     returns the scalar loss. Returns an array shaped like ``a``."""
     g = np.zeros_like(a)
     for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + eps
-        lp = f()
-        a[i] = old - eps
-        lm = f()
-        a[i] = old
-        g[i] = (lp - lm) / (2 * eps)
+        g[i] = central_diff_at(f, a, i, eps)
     return g
 
 

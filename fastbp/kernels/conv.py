@@ -18,7 +18,7 @@ where ``xp`` is x zero-padded by (ph, pw). Backward, with ``dy = ∂L/∂y``:
   and reverses both spatial axes: ``Wf[c,f,p,q] = W[f,c,KH−1−p,KW−1−q]``. So
   ``dx[n,c,h,w] = Σ_f Σ_p Σ_q Wf[c,f,p,q] · dyd[n,f,h+p,w+q]`` (a "full convolution").
 
-Three algorithms compute the same numbers:
+Four algorithms compute the same numbers:
 
 - ``tap`` (stride 1 from TAP_MIN_CHANNELS input channels, the default when the bundled
   OpenBLAS exposes CBLAS): per-kernel-row GEMMs on shifted windows of the padded input,
@@ -44,8 +44,15 @@ Three algorithms compute the same numbers:
   other strides it is col2im(Wᵀ × dz-matrix), the scatter form of the same identity
   (no GEMM work is spent on the zeros of the dilation).
 
+- ``winograd`` (3×3 kernels at stride 1, ``fastbp.kernels.winograd``): F(2×2, 3×3), 16
+  GEMMs over the channels per sample with 2.25x fewer multiply-adds; dx is the same
+  transform of dz with the flipped kernel, dW the transposed products, one partial per
+  sample summed in sample order.
+
 ``conv2d_forward``/``conv2d_backward`` pick ``direct`` for tiny problems (``DIRECT_MAX_WORK``),
-``tap`` for stride 1 (one input channel: direct forward and dW), else ``gemm``; without CBLAS, stride 1 with few input channels
+``winograd`` for 3×3 stride-1 layers with enough channels and pixels (``wino_chosen``),
+``tap`` for other stride-1 layers (one input channel: direct forward and dW), else
+``gemm``; without CBLAS, stride 1 with few input channels
 (``DIRECT_MAX_CHANNELS``) runs ``direct`` (measured; see asv_benchmarks/benchmarks/conv.py).
 """
 import threading
@@ -1448,7 +1455,8 @@ def conv2d_maxpool_forward(x, W, b, stride=1, padding=0, relu=False, pool_size=2
     Returns ``(yp, idx)``, exactly ``fastbp.kernels.pool.maxpool2d_forward(y, pool_size,
     pool_stride)`` of the convolution's output y (N, F, OH, OW): yp, idx (N, F, POH, POW)
     with ``POH = (OH − KH)//sh + 1``. On the per-tap path each group of samples is pooled
-    as soon as it is computed, and y is never stored whole.
+    as soon as it is computed, and y is never stored whole; on the Winograd path each
+    sample is, and a 2×2 pooling with stride 2 comes straight from the output tiles.
     """
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)

@@ -222,3 +222,40 @@ def test_fused_pool_nan_and_ties_as_pytorch(relu, rng):
     assert np.isnan(yp).any()
     np.testing.assert_allclose(yp, ryp, rtol=1e-12, atol=1e-12)   # NaNs compare equal
     np.testing.assert_array_equal(idx, ridx)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.given(N=st.integers(1, 3), C=st.integers(1, 5), F=st.integers(1, 5),
+                  H=st.integers(1, 9), Wd=st.integers(1, 9), ph=st.integers(0, 2),
+                  pw=st.integers(0, 2), relu=st.booleans(), bias=st.booleans(),
+                  f32=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_property_any_shape_matches_plain_loops(N, C, F, H, Wd, ph, pw, relu, bias, f32,
+                                                seed):
+    """Random shapes (every padding, odd and even outputs), dtypes, bias and ReLU: the
+    Winograd forward and backward give the plain-loop numbers, in the input's dtype."""
+    hypothesis.assume(H + 2 * ph >= 3 and Wd + 2 * pw >= 3)
+    rng = np.random.default_rng(seed)
+    dt = np.float32 if f32 else np.float64
+    x = rng.standard_normal((N, C, H, Wd)).astype(dt)
+    W = rng.standard_normal((F, C, 3, 3)).astype(dt)
+    b = rng.standard_normal(F).astype(dt) if bias else np.zeros(0, dt)
+    tol = dict(rtol=2e-4, atol=2e-4) if f32 else dict(rtol=1e-11, atol=1e-11)
+    y = K.conv2d_forward(x, W, b, 1, (ph, pw), relu, "winograd")
+    x64, W64 = x.astype(np.float64), W.astype(np.float64)
+    ref = naive.conv2d(x64, W64, b.astype(np.float64) if bias else None, 1, (ph, pw))
+    if relu:
+        ref = np.maximum(ref, 0)
+    assert y.dtype == dt
+    np.testing.assert_allclose(y, ref, **tol)
+    dy = rng.standard_normal(y.shape).astype(dt)
+    dx, dW, db = K.conv2d_backward(x, W, dy, 1, (ph, pw), bias, True, y if relu else None,
+                                   "winograd")
+    dz = dy.astype(np.float64) * (y > 0) if relu else dy.astype(np.float64)
+    rdx, rdW, rdb = naive.conv2d_backward_direct(x64, W64, dz, 1, (ph, pw))
+    for got, want in ((dx, rdx), (dW, rdW)) + (((db, rdb),) if bias else ()):
+        assert got.dtype == dt
+        np.testing.assert_allclose(got, want, **tol)
+    assert db.shape == ((F,) if bias else (0,))

@@ -220,7 +220,7 @@ def _cells(run, families):
                                        np.empty((3, 3, 3), np.int32), rb, v, mb, s4)
             rb, v, g4, d = (run.x((k,)) for k in K._wg.gradient_sizes(2, 3, 6, 6))
             K._wg.dw_sample(x, run.x((2, 3, 6, 6)), 0, 1, 1, rb, v, g4, d,
-                            np.empty((16, 3, 2), x.dtype))
+                            np.zeros((16, 3, 2), x.dtype), 1)
         if K._cblas.available:
             run.attempt("kernels.conv Winograd", conv_winograd)
     if "rnn" in families:

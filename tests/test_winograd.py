@@ -259,3 +259,20 @@ def test_property_any_shape_matches_plain_loops(N, C, F, H, Wd, ph, pw, relu, bi
         assert got.dtype == dt
         np.testing.assert_allclose(got, want, **tol)
     assert db.shape == ((F,) if bias else (0,))
+
+
+@pytest.mark.parametrize("groups,limit", [(1, 1 << 24), (4, 1 << 24), (16, 1 << 24),
+                                          (16, 16 * 16 * 16 * 2)])
+def test_weight_gradient_groups(groups, limit, rng, monkeypatch):
+    """The weight-gradient partials (groups of consecutive samples, an empty last group
+    included: 5 samples in 4 groups of 2) give the plain-loop gradient, and their number
+    follows the shape-only rule."""
+    monkeypatch.setattr(Wg, "DW_GROUPS", groups)
+    monkeypatch.setattr(Wg, "DW_PARTIAL_ENTRIES", limit)
+    x, W, b, p = _data((5, 16, 16, 6, 7, 1, 1), rng)
+    assert Wg.dw_groups(5, 16, 16) == min(5, groups, limit // (16 * 16 * 16))
+    dy = rng.standard_normal((5, 16, 6, 7))
+    dx, dW, db = K.conv2d_backward(x, W, dy, 1, p, True, True, None, "winograd")
+    rdx, rdW, rdb = naive.conv2d_backward_direct(x, W, dy, 1, p)
+    for got, want in ((dx, rdx), (dW, rdW), (db, rdb)):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)

@@ -1132,7 +1132,7 @@ def _wino_dw(x, dz, ph, pw, dW, db):
     N, C = x.shape[0], x.shape[1]
     F, OH, OW = dz.shape[1], dz.shape[2], dz.shape[3]
     sizes = _wg.gradient_sizes(C, F, OH, OW)
-    parts = np.empty((N, 16, F, C), dtype=x.dtype)
+    parts = np.empty((_wg.dw_groups(N, F, C), 16, F, C), dtype=x.dtype)
     threads = _tap_threads(N, N * F * OH * OW * C * 9)
     counter = np.zeros(1, np.int64)
 
@@ -1141,7 +1141,7 @@ def _wino_dw(x, dz, ph, pw, dW, db):
         _blas.threads_for(0)
         _wg.dw_claimed(x, dz, ph, pw, rb, v, g4, d, parts, counter)
     _pool.run_items(drain, threads, threads)
-    dW[...] = _wg.weight_gradient(parts.sum(axis=0))     # in sample order: deterministic
+    dW[...] = _wg.weight_gradient(parts.sum(axis=0))     # in group order: deterministic
     if db.shape[0]:
         db[...] = dz.sum(axis=(0, 2, 3))
 

@@ -447,10 +447,11 @@ def _grad_tiles(dz, n, TH, TW, G4, D):
 
 
 @jit
-def dw_sample(x, dz, n, ph, pw, Rb, V, G4, D, dU):
-    """dU (16, F, C) = ∂L/∂U from sample n: Σ_tiles (A dz Aᵀ)[ξ] · (Bᵀ d B)[ξ]ᵀ for x (N,
-    C, H, W) padded by (ph, pw) and dz (N, F, OH, OW) (OH = H + 2·ph − 2); overwritten.
-    Rb, V, G4, D: flat scratch of ``gradient_sizes`` entries."""
+def dw_sample(x, dz, n, ph, pw, Rb, V, G4, D, dU, beta):
+    """dU (16, F, C) = beta·dU + ∂L/∂U from sample n, where ∂L/∂U[ξ] = Σ_tiles
+    (A dz Aᵀ)[ξ] · (Bᵀ d B)[ξ]ᵀ for x (N, C, H, W) padded by (ph, pw) and dz (N, F, OH, OW)
+    (OH = H + 2·ph − 2); beta is 0 (overwrite) or 1 (accumulate). Rb, V, G4, D: flat
+    scratch of ``gradient_sizes`` entries."""
     C = x.shape[1]
     F, OH, OW = dz.shape[1], dz.shape[2], dz.shape[3]
     TH, TW = (OH + 1) // 2, (OW + 1) // 2
@@ -461,21 +462,39 @@ def dw_sample(x, dz, n, ph, pw, Rb, V, G4, D, dU):
     transform_input(x, n, ph, pw, TH, TW, Rb, V)
     _grad_tiles(dz, n, TH, TW, G4, D)
     for xi in range(16):          # dU[ξ] (F × C) = D[ξ] (F × nc) · V[ξ]ᵀ (nc × C)
-        _cblas.gemm0(False, True, F, C, nc, D, xi * F * nc, nc, V, xi * S, Q, 0,
+        _cblas.gemm0(False, True, F, C, nc, D, xi * F * nc, nc, V, xi * S, Q, beta,
                      dU, xi * F * C, C)
 
 
 @jit
 def dw_claimed(x, dz, ph, pw, Rb, V, G4, D, parts, counter):
-    """``dw_sample`` for samples claimed from ``counter``, sample n into parts[n]
-    (N, 16, F, C): summed afterwards in sample order, the result does not depend on which
-    thread ran which sample."""
+    """``dw_sample`` for groups of samples claimed from ``counter``: with G = len(parts)
+    groups of gs = ⌈N / G⌉ consecutive samples, group i accumulates its samples in order
+    into parts[i] (G, 16, F, C). Summed afterwards in group order, the result does not
+    depend on which thread ran which group."""
     N = x.shape[0]
+    G = parts.shape[0]
+    gs = (N + G - 1) // G
     while True:
-        n = _pool.claim(counter)
-        if n >= N:
+        i = _pool.claim(counter)
+        if i >= G:
             return
-        dw_sample(x, dz, n, ph, pw, Rb, V, G4, D, parts[n])
+        for n in range(i * gs, min(N, i * gs + gs)):
+            dw_sample(x, dz, n, ph, pw, Rb, V, G4, D, parts[i], 0 if n == i * gs else 1)
+        if i * gs >= N:                   # an empty group (only when G > N)
+            parts[i][:] = 0
+
+
+# at most this many groups (weight-gradient partials) per call, and at most about this
+# many partial entries in all: memory stays bounded for large batches and channel counts
+DW_GROUPS = 16
+DW_PARTIAL_ENTRIES = 1 << 24
+
+
+def dw_groups(N, F, C):
+    """The number of weight-gradient partials (groups of samples) for N samples: fixed by
+    the shapes alone, so the result is the same on any thread count."""
+    return max(1, min(N, DW_GROUPS, DW_PARTIAL_ENTRIES // (16 * F * C)))
 
 
 def weight_gradient(dU):

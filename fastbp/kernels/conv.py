@@ -47,7 +47,7 @@ Four algorithms compute the same numbers:
 - ``winograd`` (3×3 kernels at stride 1, ``fastbp.kernels.winograd``): F(2×2, 3×3), 16
   GEMMs over the channels per sample with 2.25x fewer multiply-adds; dx is the same
   transform of dz with the flipped kernel, dW the transposed products, one partial per
-  sample summed in sample order.
+  fixed group of samples summed in group order.
 
 ``conv2d_forward``/``conv2d_backward`` pick ``direct`` for tiny problems (``DIRECT_MAX_WORK``),
 ``winograd`` for 3×3 stride-1 layers with enough channels and pixels (``wino_chosen``),

@@ -276,3 +276,17 @@ def test_weight_gradient_groups(groups, limit, rng, monkeypatch):
     rdx, rdW, rdb = naive.conv2d_backward_direct(x, W, dy, 1, p)
     for got, want in ((dx, rdx), (dW, rdW), (db, rdb)):
         np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
+
+
+def test_unknown_method_is_a_clear_error(rng):
+    x, W, b, p = _data((1, 2, 2, 5, 5, 1, 1), rng)
+    dy = np.zeros((1, 2, 5, 5))
+    for call in (lambda: K.conv2d_forward(x, W, b, 1, p, False, "winogard"),
+                 lambda: K.conv2d_backward(x, W, dy, 1, p, True, True, None, "Winograd"),
+                 lambda: K.conv2d_maxpool_forward(x, W, b, 1, p, False, 2, None, "fft"),
+                 lambda: K.conv2d_maxpool_backward(x, W, dy[:, :, :2, :2], np.zeros(
+                     (1, 2, 2, 2), np.int32), dy[:, :, :2, :2], 1, p, 2, None, True, True,
+                     False, "im2col")):
+        with pytest.raises(ValueError, match=r"conv2d_\w+: method must be one of auto, "
+                                             r"direct, gemm, tap, winograd; got '\w+'"):
+            call()

@@ -992,6 +992,15 @@ def _pair(v):
     return (v, v) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
 
 
+METHODS = ("auto", "direct", "gemm", "tap", "winograd")
+
+
+def _check_method(fn, method):
+    """A ValueError naming ``fn`` when ``method`` is not one of METHODS."""
+    if method not in METHODS:
+        raise ValueError(f"{fn}: method must be one of {', '.join(METHODS)}; got {method!r}")
+
+
 def choose_method(C, stride, work):
     """``"direct"`` when the forward work 2·N·F·OH·OW·C·KH·KW is below DIRECT_MAX_WORK;
     for stride 1 ``"tap"`` from TAP_MIN_CHANNELS input channels (when CBLAS is
@@ -1238,6 +1247,7 @@ def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto"):
     Returns y (N, F, OH, OW) = b + Σ_c,p,q W[f,c,p,q]·xp[n,c,i·sh+p,j·sw+q].
     Checks are the caller's job (the Conv2D layer validates shapes and dtypes).
     """
+    _check_method("conv2d_forward", method)
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     N, C, H, Wd = x.shape
@@ -1338,6 +1348,7 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
     method: as ``conv2d_forward``; with ``"winograd"`` (which ``"auto"`` picks where the
     forward does) dz is made whole first and dW, db and dx all come from Winograd.
     """
+    _check_method("conv2d_backward", method)
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     N, C, H, Wd = x.shape
@@ -1458,6 +1469,7 @@ def conv2d_maxpool_forward(x, W, b, stride=1, padding=0, relu=False, pool_size=2
     as soon as it is computed, and y is never stored whole; on the Winograd path each
     sample is, and a 2×2 pooling with stride 2 comes straight from the output tiles.
     """
+    _check_method("conv2d_maxpool_forward", method)
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     N, C, H, Wd = x.shape
@@ -1503,6 +1515,7 @@ def conv2d_maxpool_backward(x, W, dyp, idx, yp, stride=1, padding=0, pool_size=2
     (the full (N, F, OH, OW) gradient never exists); scattering dyp straight into the
     GEMM layout instead (the arg-max row and column per window) was slower.
     """
+    _check_method("conv2d_maxpool_backward", method)
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     N, C, H, Wd = x.shape

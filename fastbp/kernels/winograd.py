@@ -481,7 +481,7 @@ def dw_claimed(x, dz, ph, pw, Rb, V, G4, D, parts, counter):
             return
         for n in range(i * gs, min(N, i * gs + gs)):
             dw_sample(x, dz, n, ph, pw, Rb, V, G4, D, parts[i], 0 if n == i * gs else 1)
-        if i * gs >= N:                   # an empty group (only when G > N)
+        if i * gs >= N:                   # an empty last group (5 samples in 4 groups of 2)
             parts[i][:] = 0
 
 

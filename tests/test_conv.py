@@ -522,3 +522,25 @@ def test_bad_hyper_parameters(kwargs):
     args.update(kwargs)
     with pytest.raises(ValueError):
         Conv2D(**args)
+
+
+def test_tap_plan_group_size_rules(monkeypatch):
+    """The samples per group: within the scratch budget, at most one small OpenBLAS GEMM
+    (SMALL_GEMM_MACS) per kernel row for thin rows, and off a packed-row pitch that is a
+    multiple of 512 bytes when the batch spans several groups anyway."""
+    shape = (64, 8, 12, 12)                 # lenet conv2: 144 entries per plane
+    assert K._tap_plan(shape, 16, 5, 5, 0, 0) == (144, 9)
+    per = (2 * 5 * 8 + 16) * 144
+    monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", 8 * per)
+    S, g = K._tap_plan(shape, 16, 5, 5, 0, 0)
+    assert g == 7 and not K._bad_pitch(12 * g * 12 * 4) and K._bad_pitch(12 * 8 * 12 * 4)
+    assert K._tap_plan((8,) + shape[1:], 16, 5, 5, 0, 0)[1] == 8     # one group: kept
+    assert K._tap_plan(shape, 16, 5, 5, 0, 0, itemsize=8)[1] == 7    # 9216 B at g = 8
+    monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", 40 * per)
+    g = K._tap_plan(shape, 16, 5, 5, 0, 0)[1]
+    assert g == 15                          # capped at 16 (1e6 / (40·16·8·12)), then 16 → 15
+    assert 40 * 16 * 8 * 12 * g <= K.SMALL_GEMM_MACS
+    # wide kernel rows are not capped (not measured there); every pitch bad: g kept
+    assert K._tap_plan((64, 32, 12, 12), 80, 3, 3, 0, 0)[1] == min(64, 40 * per // ((6 * 32 + 80) * 144))
+    monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", 8 * (2 * 5 + 6) * 1024)
+    assert K._tap_plan((64, 1, 32, 32), 6, 5, 5, 0, 0)[1] == 8        # 4096 B per plane

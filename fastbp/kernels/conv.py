@@ -1060,12 +1060,44 @@ def _chunk(N, rows, P):
     return -(-N // nchunks)
 
 
-def _tap_plan(x_shape, F, KH, KW, ph, pw):
-    """(S, g): padded plane size and samples per group (about TAP_GROUP_ELEMENTS of
-    packed input, output grid and input-gradient scratch)."""
+# Two more limits on the group size g, both from the bundled OpenBLAS (x86-64, AVX-512).
+# Its "small matrix" kernels take GEMMs of at most 100³ multiply-adds unpacked; on the thin
+# per-row products of a tap call they ran at 100-107 GFLOP/s on one thread where the packed
+# path just above that size ran at 64 (AMD EPYC Zen 4: 40×16 outputs by 1500 against 1600
+# deep; 5×8 by 2000: 63 against 15 at 30000). And the packed input's row pitch
+# T = Hp·g·Wp entries must not be a multiple of 512 bytes: the GEMM then streams its rows
+# through a few L1 sets. cnn_lenet's whole step, 2 threads, time against the default g = 9
+# (interleaved runs): g = 7 0.99-1.02, 8 1.07-1.08 (pitch 4608 B), 15 0.98, 16 1.05-1.09
+# (9216 B), 17 1.23 (conv2's products 1.04M), 32 1.36. So g stays at or below
+# SMALL_GEMM_MACS per-row multiply-adds where the kernel rows are thin (R = KW·C and F at
+# most SMALL_GEMM_MAX_DIM, the range measured), and steps down (at most
+# PITCH_MAX_STEPS, only when the batch spans several groups anyway) off a bad pitch.
+SMALL_GEMM_MACS = 1_000_000
+SMALL_GEMM_MAX_DIM = 64
+PITCH_MAX_STEPS = 3
+
+
+def _bad_pitch(nbytes):
+    return nbytes % 512 == 0
+
+
+def _tap_plan(x_shape, F, KH, KW, ph, pw, itemsize=4):
+    """(S, g): padded plane size and samples per group: about TAP_GROUP_ELEMENTS of
+    packed input, output grid and input-gradient scratch, within OpenBLAS's small-GEMM
+    size for thin kernel rows and off row pitches of a multiple of 512 bytes (see above).
+    ``itemsize``: bytes per entry (4 for float32)."""
     N, C, H, Wd = x_shape
-    S = (H + 2 * ph) * (Wd + 2 * pw)
+    Hp, Wp = H + 2 * ph, Wd + 2 * pw
+    S = Hp * Wp
     g = max(1, min(N, TAP_GROUP_ELEMENTS // max(1, (2 * KW * C + F) * S)))
+    R = KW * C
+    per_sample = R * F * max(0, Hp - KH + 1) * Wp       # one kernel row's GEMM, per sample
+    if max(R, F) <= SMALL_GEMM_MAX_DIM and 0 < per_sample <= SMALL_GEMM_MACS:
+        g = min(g, SMALL_GEMM_MACS // per_sample)
+    if N > g and _bad_pitch(Hp * g * Wp * itemsize):
+        for cand in range(g - 1, max(0, g - PITCH_MAX_STEPS - 1), -1):
+            if not _bad_pitch(Hp * cand * Wp * itemsize):
+                return S, cand
     return S, g
 
 
@@ -1168,7 +1200,7 @@ def _tap_forward(x, W, b, ph, pw, relu, y, pool=None):
     N, C, H, Wd = x.shape
     F, _, KH, KW = W.shape
     OH, OW = H + 2 * ph - KH + 1, Wd + 2 * pw - KW + 1
-    S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
+    S, g = _tap_plan(x.shape, F, KH, KW, ph, pw, x.dtype.itemsize)
     Wk = np.ascontiguousarray(W.transpose(2, 0, 3, 1))
     threads = _tap_threads(N, N * F * OH * OW * C * KH * KW)
     mode = tap_mode(KW * C)
@@ -1199,7 +1231,7 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx, pidx=None):
     N, C, H, Wd = x.shape
     F, _, KH, KW = W.shape
     OH, OW = H + 2 * ph - KH + 1, Wd + 2 * pw - KW + 1
-    S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
+    S, g = _tap_plan(x.shape, F, KH, KW, ph, pw, x.dtype.itemsize)
     Wk = np.ascontiguousarray(W.transpose(2, 0, 3, 1))
     relu = y is not None
     dy = np.ascontiguousarray(dy)               # the kernel flattens planes (no copy if C)

@@ -59,6 +59,14 @@ WAIT_SPINS = int(os.environ.get("FASTBP_POOL_SPINS", 1 << 16))
 # FASTBP_WORKER_SPINS overrides (0: block at once).
 WORKER_SPINS = int(os.environ.get("FASTBP_WORKER_SPINS", 1 << 15))
 YIELD_EVERY = 64
+# Taking the GIL while another thread holds it puts a thread to sleep in the kernel, and
+# waking it cost 20-30 µs on these VMs: a split of two 14.5 µs nogil jobs took 42-52 µs
+# (median) when the pool thread, seeing its job, asked for the GIL while the caller was
+# still in the Python before its own compiled loop, and the caller, back from its wait,
+# asked for it while the pool thread was still in the Python after its job. So a pool
+# thread that sees a job first pauses START_SPINS more rounds (about 3 µs), and the caller
+# waits until its pool threads are back in their nogil poll (``_Done``).
+START_SPINS = int(os.environ.get("FASTBP_START_SPINS", 1 << 7))
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 
@@ -71,6 +79,20 @@ def _load_acquire(typingctx, arr, idx):
         ary = context.make_array(signature.args[0])(context, builder, args[0])
         ptr = builder.gep(ary.data, [args[1]])
         return builder.load_atomic(ptr, ordering="acquire", align=8)
+    return sig, codegen
+
+
+@intrinsic
+def _store_release(typingctx, arr, idx, val):
+    """``arr[idx] = val`` as an atomic release store (seen by other threads' acquire loads)."""
+    sig = types.void(arr, idx, val)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        v = context.cast(builder, args[2], signature.args[2], signature.args[0].dtype)
+        builder.store_atomic(v, ptr, ordering="release", align=8)
+        return context.get_dummy_value()
     return sig, codegen
 
 
@@ -125,11 +147,16 @@ def _spin_until(flags, idx, target, spins):
 
 
 @jit
-def _poll_until(flags, idx, target, spins, yield_every):
+def _poll_until(flags, idx, target, spins, yield_every, mark, mark_value, after):
     """``_spin_until`` that calls ``sched_yield`` instead of ``pause`` every ``yield_every``
-    rounds, so a thread polling for long lets any other runnable thread have its core."""
+    rounds, so a thread polling for long lets any other runnable thread have its core.
+    First ``mark[0] = mark_value``: this thread has let go of the GIL (see ``_Done``);
+    once the target is reached, ``after`` more pause rounds (see START_SPINS)."""
+    _store_release(mark, 0, mark_value)
     for i in range(spins):
         if _load_acquire(flags, idx) >= target:
+            for _ in range(after):
+                _pause()
             return True
         if i % yield_every == yield_every - 1:
             _sched_yield()
@@ -145,22 +172,27 @@ class _Worker:
     def __init__(self, name):
         self.jobs = collections.deque()
         self.posted = np.zeros(1, np.int64)     # jobs submitted so far (polled nogil)
+        self.idle = np.zeros(1, np.int64)       # jobs done when it last let go of the GIL
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
     def submit(self, fn):
-        """Queue ``fn()`` (it must not raise: the pool's jobs catch their errors)."""
+        """Queue ``fn()`` (it must not raise: the pool's jobs catch their errors). Returns
+        the number of jobs this worker will have done once ``fn`` is done."""
         with self.cond:
             self.jobs.append(fn)
             self.posted[0] += 1
             self.cond.notify()
+            return int(self.posted[0])
 
     def _loop(self):
         taken = 0
         while True:
+            if not WORKER_SPINS:
+                self.idle[0] = taken
             if not (WORKER_SPINS and _poll_until(self.posted, 0, taken + 1, WORKER_SPINS,
-                                                 YIELD_EVERY)):
+                                                 YIELD_EVERY, self.idle, taken, START_SPINS)):
                 with self.cond:
                     while self.posted[0] <= taken:
                         self.cond.wait()
@@ -198,26 +230,40 @@ def _pool(k):
 
 
 class _Done:
-    """Counts a call's finished pool jobs. The caller spins on ``count`` (WAIT_SPINS), then
-    blocks on ``event``, which the last job sets."""
-    __slots__ = ("count", "target", "lock", "event")
+    """Counts a call's finished pool jobs. The caller spins (WAIT_SPINS rounds) until every
+    pool thread that ran one of its jobs is back in its nogil poll (``_Worker.idle`` reaches
+    the count ``expect`` recorded from ``submit``; the job's ``add`` came before), else
+    blocks on an event that the last job sets (made only then, under ``lock``). Waiting on
+    the poll and not on ``count`` keeps the caller from asking for the GIL while the pool
+    thread still runs the Python after its job (see START_SPINS)."""
+    __slots__ = ("count", "target", "lock", "event", "waits")
 
     def __init__(self, target):
-        self.count = np.zeros(1, np.int64)
+        self.count = 0
         self.target = target
         self.lock = threading.Lock()
-        self.event = threading.Event()
+        self.event = None
+        self.waits = []
+
+    def expect(self, worker, jobs):
+        self.waits.append((worker.idle, jobs))
 
     def add(self):
         with self.lock:
-            self.count[0] += 1
-            if self.count[0] >= self.target:
+            self.count += 1
+            if self.count >= self.target and self.event is not None:
                 self.event.set()
 
     def wait(self):
-        if self.target <= 0 or (WAIT_SPINS and _spin_until(self.count, 0, self.target,
-                                                           WAIT_SPINS)):
+        if self.target <= 0:
             return
+        if WAIT_SPINS and all(_spin_until(idle, 0, jobs, WAIT_SPINS)
+                              for idle, jobs in self.waits):
+            return                  # every job done (each add()s before its thread polls)
+        with self.lock:
+            if self.count >= self.target:
+                return
+            self.event = threading.Event()
         self.event.wait()
 
 
@@ -254,7 +300,8 @@ def run(fn, chunks):
             job(k)
             done.add()
         for k in range(1, len(chunks)):
-            workers[(k - 1) % len(workers)].submit(lambda k=k: pooled(k))
+            w = workers[(k - 1) % len(workers)]
+            done.expect(w, w.submit(lambda k=k: pooled(k)))
         job(0)
         done.wait()
     else:
@@ -299,7 +346,7 @@ def run_items(fn, n_items, n_threads):
         finally:
             done.add()
     for w in workers:
-        w.submit(pooled)
+        done.expect(w, w.submit(pooled))
     worker()
     done.wait()
     if failed:

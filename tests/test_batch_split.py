@@ -205,20 +205,38 @@ def test_pool_results_and_errors_with_any_wait(monkeypatch, spins):
 # ---------------------------------------------------------------- the pool threads' poll
 def test_poll_until_sees_another_threads_write_and_gives_up():
     """The pool threads' poll (pause, with a sched_yield every few rounds) ends on another
-    thread's write, and returns False after its rounds when nothing comes."""
+    thread's write, and returns False after its rounds when nothing comes; it first marks
+    the thread idle (the mark the caller of a split waits for)."""
     import threading
     import time
     flags = np.zeros(1, np.int64)
-    assert _pool._poll_until(flags, 0, 1, 1000, 64) is False
-    assert _pool._poll_until(flags, 0, 0, 0, 64) is True
+    mark = np.zeros(1, np.int64)
+    assert _pool._poll_until(flags, 0, 1, 1000, 64, mark, 7, 0) is False
+    assert mark[0] == 7
+    assert _pool._poll_until(flags, 0, 0, 0, 64, mark, 8, 100) is True
+    assert mark[0] == 8
 
     def later():
         time.sleep(0.02)
         flags[0] = 2
     t = threading.Thread(target=later)
     t.start()
-    assert _pool._poll_until(flags, 0, 2, 1 << 40, 4)       # hours if the write were unseen
+    assert _pool._poll_until(flags, 0, 2, 1 << 40, 4, mark, 9, 16)   # hours if unseen
+    assert mark[0] == 9
     t.join()
+
+
+def test_split_returns_once_its_pool_threads_are_back_in_their_poll(monkeypatch):
+    """A caller that spins waits for the pool threads' idle marks, not just the results:
+    when run_items returns, every pool thread it used has let go of the GIL (its idle
+    mark has caught up with the jobs it was given), and the results are all there."""
+    monkeypatch.setattr(_pool, "WAIT_SPINS", 1 << 40)
+    for _ in range(50):
+        seen = []
+        _pool.run_items(lambda i: seen.append(i), 6, 2)
+        assert sorted(seen) == list(range(6))
+        for w in _pool._pool(1):
+            assert w.idle[0] == w.posted[0]
 
 
 @pytest.mark.parametrize("worker_spins", [0, 1, 1 << 20])

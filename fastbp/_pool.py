@@ -24,7 +24,9 @@ daemon threads (``_Worker``, NUMBA_NUM_THREADS − 1 of them), each running its 
 order. Neither side sleeps at once: a pool thread polls for its next job for about half a
 millisecond (``WORKER_SPINS``) and the caller spins for its pool threads' results
 (``WAIT_SPINS``), both with the GIL released, because waking a sleeping thread costs about
-100 µs on these VMs. A split started on a pool thread runs there, serially.
+100 µs on these VMs. For the same reason each side asks for the GIL only when the other
+has let go of it (``START_SPINS``, ``_Done``). A split started on a pool thread runs
+there, serially.
 """
 from __future__ import annotations
 

@@ -173,7 +173,8 @@ def _cells(run, families):
             S, g = K._tap_plan(x.shape, 3, 3, 3, 1, 1)
             G, mkl = -(-2 // g), _blas.mkl_one_thread_count()
             y = np.empty((2, 3, 6, 6), dtype=x.dtype)
-            xbuf, tbuf = run.x((6 * g * S,)), run.x((3 * 3 * g * S,))
+            P = g * S + K.PITCH_PAD          # a group's entries per packed row, with the pad
+            xbuf, tbuf = run.x((6 * P,)), run.x((3 * 3 * P,))
             none, nidx = K._no_pool(x.dtype)
             for mode in (0, 1, 2):
                 K._tap_forward_rows(x, Wk, b, 1, 1, True, 0, 2, g, mode, xbuf, tbuf, y,
@@ -185,11 +186,11 @@ def _cells(run, families):
                                         np.empty(yp.shape, np.int32))
             dWt, dbg = np.zeros((G, 3, 3, 2, 3), x.dtype), np.zeros((G, 3), x.dtype)
             K._tap_backward_rows(x, Wk, run.x(y.shape), y, True, 1, 1, 0, 2, g, True, xbuf,
-                                 tbuf, run.x((6 * g * S,)), dWt, dbg, np.empty_like(x), mkl,
+                                 tbuf, run.x((6 * P,)), dWt, dbg, np.empty_like(x), mkl,
                                  nidx)
             yp = run.x((2, 3, 3, 3))            # behind a fused max pooling
             K._tap_backward_rows(x, Wk, run.x(yp.shape), yp, True, 1, 1, 0, 2, g, True, xbuf,
-                                 tbuf, run.x((6 * g * S,)), dWt, dbg, np.empty_like(x), mkl,
+                                 tbuf, run.x((6 * P,)), dWt, dbg, np.empty_like(x), mkl,
                                  np.zeros(yp.shape, np.int32))
             q = yp.reshape(6, 9)                # reached from compiled code only
             K._dz_pooled(q, q, np.zeros(q.shape, np.int32), True, 0, 2, 8, 6, 6,

@@ -525,22 +525,50 @@ def test_bad_hyper_parameters(kwargs):
 
 
 def test_tap_plan_group_size_rules(monkeypatch):
-    """The samples per group: within the scratch budget, at most one small OpenBLAS GEMM
-    (SMALL_GEMM_MACS) per kernel row for thin rows, and off a packed-row pitch that is a
-    multiple of 512 bytes when the batch spans several groups anyway."""
+    """The samples per group: within the scratch budget and, for thin kernel rows, at most
+    one small OpenBLAS GEMM (SMALL_GEMM_MACS) per kernel row."""
     shape = (64, 8, 12, 12)                 # lenet conv2: 144 entries per plane
     assert K._tap_plan(shape, 16, 5, 5, 0, 0) == (144, 9)
     per = (2 * 5 * 8 + 16) * 144
-    monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", 8 * per)
-    S, g = K._tap_plan(shape, 16, 5, 5, 0, 0)
-    assert g == 7 and not K._bad_pitch(12 * g * 12 * 4) and K._bad_pitch(12 * 8 * 12 * 4)
-    assert K._tap_plan((8,) + shape[1:], 16, 5, 5, 0, 0)[1] == 8     # one group: kept
-    assert K._tap_plan(shape, 16, 5, 5, 0, 0, itemsize=8)[1] == 7    # 9216 B at g = 8
     monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", 40 * per)
     g = K._tap_plan(shape, 16, 5, 5, 0, 0)[1]
-    assert g == 15                          # capped at 16 (1e6 / (40·16·8·12)), then 16 → 15
-    assert 40 * 16 * 8 * 12 * g <= K.SMALL_GEMM_MACS
-    # wide kernel rows are not capped (not measured there); every pitch bad: g kept
-    assert K._tap_plan((64, 32, 12, 12), 80, 3, 3, 0, 0)[1] == min(64, 40 * per // ((6 * 32 + 80) * 144))
-    monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", 8 * (2 * 5 + 6) * 1024)
-    assert K._tap_plan((64, 1, 32, 32), 6, 5, 5, 0, 0)[1] == 8        # 4096 B per plane
+    assert g == 16 and 40 * 16 * 8 * 12 * g <= K.SMALL_GEMM_MACS < 40 * 16 * 8 * 12 * 17
+    assert K._tap_plan((10,) + shape[1:], 16, 5, 5, 0, 0)[1] == 10      # the whole batch
+    # wide kernel rows are not capped (not measured there)
+    wide = (64, 32, 12, 12)
+    assert K._tap_plan(wide, 80, 3, 3, 0, 0)[1] == 40 * per // ((6 * 32 + 80) * 144)
+
+
+@pytest.mark.parametrize("T,itemsize,pitch", [(128, 4, 144), (129, 4, 129), (1152, 4, 1168),
+                                              (1296, 4, 1296), (64, 8, 80), (96, 8, 96)])
+def test_packed_rows_pitch(T, itemsize, pitch):
+    """Packed rows whose byte length is a multiple of 512 get PITCH_PAD entries more."""
+    assert K._pitch(T, itemsize) == pitch
+    assert (pitch * itemsize) % 512 != 0
+
+
+@pytest.mark.skipif(not K._cblas.available, reason="SciPy's BLAS has no scipy_cblas_*gemm")
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["F-by-pixels", "pixels-by-F", "stacked"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tap_with_padded_row_pitch_matches_naive(mode, dtype, rng, monkeypatch):
+    """8×8 unpadded planes in groups of 2: the packed rows (2·64 entries) get the pitch
+    pad; forward (each GEMM layout), dx, dW and db still give the plain-loop numbers."""
+    monkeypatch.setattr(K, "TAP_T_MIN_K", 0 if mode == 1 else 1 << 30)
+    monkeypatch.setattr(K, "TAP_STACK_MIN_K", 0 if mode == 2 else 1 << 30)
+    N, C, H, F, KS = 5, 3, 8, 4, 3
+    monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", 2 * (2 * KS * C + F) * H * H)
+    assert K._tap_plan((N, C, H, H), F, KS, KS, 0, 0)[1] == 2
+    assert K._pitch(2 * H * H, np.dtype(dtype).itemsize) == 2 * H * H + K.PITCH_PAD
+    x = rng.standard_normal((N, C, H, H)).astype(dtype)
+    Wt = rng.standard_normal((F, C, KS, KS)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    yr = naive.conv2d(x.astype(np.float64), Wt.astype(np.float64), b.astype(np.float64), 1, 0)
+    dy = rng.standard_normal(yr.shape).astype(dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    y = K.conv2d_forward(x, Wt, b, 1, 0, True, "tap")
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, np.maximum(yr, 0), **tol)
+    ref = naive.conv2d_backward_direct(x.astype(np.float64), Wt.astype(np.float64),
+                                       dy * (yr > 0), 1, 0)
+    for a, r in zip(K.conv2d_backward(x, Wt, dy, 1, 0, True, True, y, "tap"), ref):
+        np.testing.assert_allclose(a, r, **tol)

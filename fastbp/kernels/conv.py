@@ -643,6 +643,22 @@ def _gemm(a, b, out):
 # Interleaving the samples' rows makes the GEMMs span only the OH output rows of each
 # sample (OH·Wp columns, not Hp·Wp: lenet conv2, 12×12 → 8×8, does 1.5x fewer FLOPs).
 # Each group is small enough to stay in L2 with its GEMMs.
+# The packed rows' pitch: a row of T entries whose byte length is a multiple of 512
+# (e.g. every group of 32×32 unpadded planes, 4096 B each) gets PITCH_PAD entries more,
+# unused: rows that far apart map to a few L1 sets. cnn_lenet's step with its group size
+# forced, against the default 9 (interleaved, AMD EPYC Zen 4): g = 8 (4608 B rows) and 16
+# (9216 B) 1.07-1.08 and 1.05-1.09 unpadded, 0.967 and 0.969 padded. Whole layers (fused
+# ReLU and pooling, forward and backward, separate processes) padded against unpadded:
+# 64×3×32×32 16@5×5 0.983 (0.973-1.011); 64×8×16×16 16@5×5 1.012 (0.988-1.05), level.
+PITCH_PAD = 16
+
+
+@jit(inline="always")
+def _pitch(T, itemsize):
+    """The row pitch, in entries, for packed rows of T entries of ``itemsize`` bytes."""
+    return T + PITCH_PAD if (T * itemsize) % 512 == 0 else T
+
+
 @jit(inline="always")
 def _tap_pack(x, ph, pw, s, k, KW, xs):
     """xs (KW·C, Hp·k·Wp): samples s .. s+k−1 of x zero-padded by (ph, pw), channel-major,
@@ -759,8 +775,9 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, mode, xbuf, tbuf, y,
     """y[n0:n1] by per-kernel-row GEMMs, g samples at a time.
 
     x (N, C, H, W), Wk (KH, F, KW, C) = W transposed (Wk[p, f, q, c] = W[f, c, p, q]),
-    b (F,) or (0,), y (N, F, OH, OW) output; xbuf, tbuf flat scratch of at least KW·C·g·S
-    and F·g·S entries (S = Hp·Wp; KH·F·g·S in mode 2). ``mode`` (``tap_mode``): 0, the
+    b (F,) or (0,), y (N, F, OH, OW) output; xbuf, tbuf flat scratch of at least
+    KW·C·(g·S + PITCH_PAD) and F·g·S entries (S = Hp·Wp; KH·F·(g·S + PITCH_PAD) in
+    mode 2). ``mode`` (``tap_mode``): 0, the
     GEMMs write the output grid as F × pixels (then ``gemm_to_nchw``); 1, as pixels × F
     (then ``_tap_scatter``); 2, one GEMM for all kernel rows (then ``_tap_shift_scatter``).
     y[n,f,i,j] = b[f] + Σ_p,q Σ_c W[f,c,p,q]·xp[n,c,i+p,j+q], then max(·, 0) if ``relu``.
@@ -782,25 +799,26 @@ def _tap_forward_rows(x, Wk, b, ph, pw, relu, n0, n1, g, mode, xbuf, tbuf, y,
     for s in range(n0, n1, g):
         k = min(g, n1 - s)
         T = Hp * k * Wp
+        Tp = _pitch(T, x.itemsize)
         L = OH * k * Wp
         ys = 0 if pooled else s                 # y's first sample for this group
-        xs = xbuf[:R * T].reshape(R, T)
+        xs = xbuf[:R * Tp].reshape(R, Tp)       # columns T.. unused
         _tap_pack(x, ph, pw, s, k, KW, xs)
         if mode == 2:
-            t3 = tbuf[:KH * F * T].reshape(KH * F, T)   # t3 = Wk (KH·F×R) · xs (R×T)
-            _cblas.gemm1(False, False, KH * F, T, R, Wk, 0, R, xs, 0, T, 0, t3, 0, T)
+            t3 = tbuf[:KH * F * Tp].reshape(KH * F, Tp)   # t3 = Wk (KH·F×R) · xs (R×T)
+            _cblas.gemm1(False, False, KH * F, T, R, Wk, 0, R, xs, 0, Tp, 0, t3, 0, Tp)
             _tap_shift_scatter(t3, b, ys, k, Wp, KH, relu, y)
         elif mode == 1:
             tt = tbuf[:L * F].reshape(L, F)
             for p in range(KH):                 # tT (L×F) += xs windowᵀ · Wk[p]ᵀ
-                _cblas.gemm1(True, True, L, F, R, xs, p * k * Wp, T,
+                _cblas.gemm1(True, True, L, F, R, xs, p * k * Wp, Tp,
                             Wk, p * F * R, R, 0 if p == 0 else 1, tt, 0, F)
             _tap_scatter(tt, b, ys, k, Wp, relu, y)
         else:
             t = tbuf[:F * L].reshape(F, L)
             for p in range(KH):                 # t (F×L) += Wk[p] · xs window
                 _cblas.gemm1(False, False, F, L, R, Wk, p * F * R, R,
-                            xs, p * k * Wp, T, 0 if p == 0 else 1, t, 0, L)
+                            xs, p * k * Wp, Tp, 0 if p == 0 else 1, t, 0, L)
             _to_nchw_serial(t, b, ys, k, relu, k * Wp, Wp, y)
         if pooled:
             if two:
@@ -872,8 +890,9 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
     orientation, R×F per kernel row, ran the GEMM at 83-88 GFLOP/s on one thread against 57
     for F×R) and db[gi] (F,) or (0,) += Σ_n,i,j dz; when
     ``input_grad`` writes dx[n0:n1] (N, C, H, W), the flipped-kernel correlation of dz in
-    its scatter form. xbuf, zbuf, dbuf: flat scratch of at least KW·C·g·S, F·g·S and
-    KW·C·g·S entries (S = Hp·Wp). ``mkl_threads``: as in ``_tap_forward_rows``.
+    its scatter form. xbuf, zbuf, dbuf: flat scratch of at least KW·C·(g·S + PITCH_PAD),
+    F·g·S and KW·C·(g·S + PITCH_PAD) entries (S = Hp·Wp). ``mkl_threads``: as in
+    ``_tap_forward_rows``.
     Behind a fused max pooling (``pidx`` not empty): dy, y and pidx are the pooled
     gradient, output and arg-max (N, F, POH, POW), and ``_dz_pooled`` builds each group's
     output gradient (the same numbers as max-pool backward, then the mask on the full
@@ -900,8 +919,9 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
         k = min(g, n1 - s)
         gi = s // g
         T = Hp * k * Wp
+        Tp = _pitch(T, x.itemsize)
         L = OH * k * Wp
-        xs = xbuf[:R * T].reshape(R, T)
+        xs = xbuf[:R * Tp].reshape(R, Tp)       # columns T.. unused
         zg = zbuf[:F * L].reshape(F, L)
         _tap_pack(x, ph, pw, s, k, KW, xs)
         if pooled:
@@ -927,14 +947,14 @@ def _tap_backward_rows(x, Wk, dy, y, relu, ph, pw, n0, n1, g, input_grad,
                     tot += acc[j]
                 db[gi, f] += tot
         for p in range(KH):                     # dWt[p] (R×F) += xs window · dzgᵀ
-            _cblas.gemm1(False, True, R, F, L, xs, p * k * Wp, T, zg, 0, L, 1,
+            _cblas.gemm1(False, True, R, F, L, xs, p * k * Wp, Tp, zg, 0, L, 1,
                         dWt, gi * block + p * R * F, F)
         if input_grad:
-            ds = dbuf[:R * T].reshape(R, T)
+            ds = dbuf[:R * Tp].reshape(R, Tp)
             ds[:, :] = zero
             for p in range(KH):
                 _cblas.gemm1(True, False, R, L, F, Wk, p * F * R, R,
-                            zg, 0, L, 1, ds, p * k * Wp, T)
+                            zg, 0, L, 1, ds, p * k * Wp, Tp)
             for c in range(C):
                 # dxg[c, v] = Σ_q ds[q·C + c, v − q] over the whole grid, in place in ds[c]
                 # (long loops; per image row they were short ones: 2x slower in all)
@@ -1060,32 +1080,23 @@ def _chunk(N, rows, P):
     return -(-N // nchunks)
 
 
-# Two more limits on the group size g, both from the bundled OpenBLAS (x86-64, AVX-512).
-# Its "small matrix" kernels take GEMMs of at most 100³ multiply-adds unpacked; on the thin
-# per-row products of a tap call they ran at 100-107 GFLOP/s on one thread where the packed
-# path just above that size ran at 64 (AMD EPYC Zen 4: 40×16 outputs by 1500 against 1600
-# deep; 5×8 by 2000: 63 against 15 at 30000). And the packed input's row pitch
-# T = Hp·g·Wp entries must not be a multiple of 512 bytes: the GEMM then streams its rows
-# through a few L1 sets. cnn_lenet's whole step, 2 threads, time against the default g = 9
-# (interleaved runs): g = 7 0.99-1.02, 8 1.07-1.08 (pitch 4608 B), 15 0.98, 16 1.05-1.09
-# (9216 B), 17 1.23 (conv2's products 1.04M), 32 1.36. So g stays at or below
-# SMALL_GEMM_MACS per-row multiply-adds where the kernel rows are thin (R = KW·C and F at
-# most SMALL_GEMM_MAX_DIM, the range measured), and steps down (at most
-# PITCH_MAX_STEPS, only when the batch spans several groups anyway) off a bad pitch.
+# The group size g is also kept within one OpenBLAS "small matrix" GEMM per kernel row
+# (at most 100³ multiply-adds, taken unpacked) when the rows are thin: on the thin
+# per-row products of a tap call those kernels ran at 100-107 GFLOP/s on one thread where
+# the packed path just above that size ran at 64 (AMD EPYC Zen 4: 40×16 outputs by 1500
+# against 1600 deep; 5×8 by 2000: 63 against 15 at 30000). cnn_lenet's whole step, 2
+# threads, against its default g = 9 (interleaved runs): g = 15 0.98, 17 1.23 (conv2's
+# products 1.04M multiply-adds), 32 1.36 (and g = 8, 16: see PITCH_PAD); cnn_cifar's
+# conv1 (3→32, 3×3 on 34×34 padded) at g = 4, 1.25M per product, 1.11 of its g = 2.
 SMALL_GEMM_MACS = 1_000_000
-SMALL_GEMM_MAX_DIM = 64
-PITCH_MAX_STEPS = 3
+SMALL_GEMM_MAX_DIM = 64         # the widest thin row measured (KW·C, and F)
 
 
-def _bad_pitch(nbytes):
-    return nbytes % 512 == 0
-
-
-def _tap_plan(x_shape, F, KH, KW, ph, pw, itemsize=4):
+def _tap_plan(x_shape, F, KH, KW, ph, pw):
     """(S, g): padded plane size and samples per group: about TAP_GROUP_ELEMENTS of
-    packed input, output grid and input-gradient scratch, within OpenBLAS's small-GEMM
-    size for thin kernel rows and off row pitches of a multiple of 512 bytes (see above).
-    ``itemsize``: bytes per entry (4 for float32)."""
+    packed input, output grid and input-gradient scratch, and for thin kernel rows (KW·C
+    and F at most SMALL_GEMM_MAX_DIM) at most SMALL_GEMM_MACS multiply-adds per kernel
+    row's GEMM (see above)."""
     N, C, H, Wd = x_shape
     Hp, Wp = H + 2 * ph, Wd + 2 * pw
     S = Hp * Wp
@@ -1094,10 +1105,6 @@ def _tap_plan(x_shape, F, KH, KW, ph, pw, itemsize=4):
     per_sample = R * F * max(0, Hp - KH + 1) * Wp       # one kernel row's GEMM, per sample
     if max(R, F) <= SMALL_GEMM_MAX_DIM and 0 < per_sample <= SMALL_GEMM_MACS:
         g = min(g, SMALL_GEMM_MACS // per_sample)
-    if N > g and _bad_pitch(Hp * g * Wp * itemsize):
-        for cand in range(g - 1, max(0, g - PITCH_MAX_STEPS - 1), -1):
-            if not _bad_pitch(Hp * cand * Wp * itemsize):
-                return S, cand
     return S, g
 
 
@@ -1200,7 +1207,7 @@ def _tap_forward(x, W, b, ph, pw, relu, y, pool=None):
     N, C, H, Wd = x.shape
     F, _, KH, KW = W.shape
     OH, OW = H + 2 * ph - KH + 1, Wd + 2 * pw - KW + 1
-    S, g = _tap_plan(x.shape, F, KH, KW, ph, pw, x.dtype.itemsize)
+    S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
     Wk = np.ascontiguousarray(W.transpose(2, 0, 3, 1))
     threads = _tap_threads(N, N * F * OH * OW * C * KH * KW)
     mode = tap_mode(KW * C)
@@ -1212,8 +1219,9 @@ def _tap_forward(x, W, b, ph, pw, relu, y, pool=None):
     counter = np.zeros(1, np.int64)
 
     def drain(_):
-        xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
-        tbuf = _workspace("tap_t", (KH if mode == 2 else 1) * F * g * S, x.dtype)
+        xbuf = _workspace("tap_x", KW * C * (g * S + PITCH_PAD), x.dtype)
+        tbuf = _workspace("tap_t", (KH if mode == 2 else 1) * F * (g * S + PITCH_PAD),
+                          x.dtype)
         yy = y if pool is None else \
             _workspace("tap_y", g * F * OH * OW, x.dtype).reshape(g, F, OH, OW)
         _blas.threads_for(0)            # OpenBLAS: one thread (the thin GEMMs)
@@ -1231,7 +1239,7 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx, pidx=None):
     N, C, H, Wd = x.shape
     F, _, KH, KW = W.shape
     OH, OW = H + 2 * ph - KH + 1, Wd + 2 * pw - KW + 1
-    S, g = _tap_plan(x.shape, F, KH, KW, ph, pw, x.dtype.itemsize)
+    S, g = _tap_plan(x.shape, F, KH, KW, ph, pw)
     Wk = np.ascontiguousarray(W.transpose(2, 0, 3, 1))
     relu = y is not None
     dy = np.ascontiguousarray(dy)               # the kernel flattens planes (no copy if C)
@@ -1249,9 +1257,10 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx, pidx=None):
     counter = np.zeros(1, np.int64)
 
     def drain(_):
-        xbuf = _workspace("tap_x", KW * C * g * S, x.dtype)
+        xbuf = _workspace("tap_x", KW * C * (g * S + PITCH_PAD), x.dtype)
         zbuf = _workspace("tap_t", F * g * S, x.dtype)
-        dbuf = _workspace("tap_d", KW * C * g * S if input_grad else 0, x.dtype)
+        dbuf = _workspace("tap_d", KW * C * (g * S + PITCH_PAD) if input_grad else 0,
+                          x.dtype)
         _blas.threads_for(0)            # OpenBLAS: one thread (the thin GEMMs)
         _tap_backward_claimed(x, Wk, dy, yy, relu, ph, pw, g, input_grad, xbuf, zbuf, dbuf,
                               dWt, dbg, dxo, _blas.mkl_one_thread_count(), pidx, counter)

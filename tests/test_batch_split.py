@@ -239,6 +239,65 @@ def test_split_returns_once_its_pool_threads_are_back_in_their_poll(monkeypatch)
             assert w.idle[0] == w.posted[0]
 
 
+def test_run_split_prepares_on_each_thread_before_its_kernel():
+    """run_split: every thread runs kernel(*prepare()) with its own prepare() result; the
+    caller prepares before any pool job is handed out; errors (from prepare or the kernel,
+    on either thread) are raised once both threads are done."""
+    import threading
+    import time
+    order = []
+
+    def prepare():
+        order.append(("prepare", threading.current_thread().name))
+        return (threading.current_thread().name,)
+
+    ran = []
+
+    def kernel(name):
+        assert name == threading.current_thread().name
+        time.sleep(0.002)
+        ran.append(name)
+
+    orig = _pool._Worker.submit
+
+    def submit(self, fn):
+        order.append(("submit", None))
+        return orig(self, fn)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_pool._Worker, "submit", submit)
+        for _ in range(5):
+            order.clear()
+            ran.clear()
+            _pool.run_split(prepare, kernel, 2)
+            me = threading.current_thread().name
+            assert order[0] == ("prepare", me) and order[1] == ("submit", None)
+            assert sorted(ran) == sorted([me, "fastbp-0"])
+    done = []
+
+    def slow(name):
+        time.sleep(0.01)
+        done.append(name)
+
+    def boom(name):
+        if name.startswith("fastbp-"):
+            raise RuntimeError("pool kernel failed")
+        slow(name)
+    with pytest.raises(RuntimeError, match="pool kernel failed"):
+        _pool.run_split(prepare, boom, 2)
+
+    def boom_caller(name):
+        if not name.startswith("fastbp-"):
+            raise ValueError("caller kernel failed")
+        slow(name)
+    done.clear()
+    with pytest.raises(ValueError, match="caller kernel failed"):
+        _pool.run_split(prepare, boom_caller, 2)
+    assert done == ["fastbp-0"]             # the pool job had finished before the raise
+    ran.clear()
+    _pool.run_split(prepare, kernel, 1)     # one thread: just the caller
+    assert ran == [threading.current_thread().name]
+
+
 @pytest.mark.parametrize("worker_spins", [0, 1, 1 << 20])
 def test_pool_threads_pick_up_jobs_whether_polling_or_asleep(monkeypatch, worker_spins):
     """Jobs reach a pool thread that is polling, one that gives up at once and sleeps, and

@@ -526,17 +526,33 @@ def test_bad_hyper_parameters(kwargs):
 
 def test_tap_plan_group_size_rules(monkeypatch):
     """The samples per group: within the scratch budget and, for thin kernel rows, at most
-    one small OpenBLAS GEMM (SMALL_GEMM_MACS) per kernel row."""
+    one small OpenBLAS GEMM (SMALL_GEMM_MACS) per kernel row; then balanced (_balanced)."""
     shape = (64, 8, 12, 12)                 # lenet conv2: 144 entries per plane
-    assert K._tap_plan(shape, 16, 5, 5, 0, 0) == (144, 9)
+    assert K._tap_plan(shape, 16, 5, 5, 0, 0) == (144, 8)          # 9 by the budget
     per = (2 * 5 * 8 + 16) * 144
     monkeypatch.setattr(K, "TAP_GROUP_ELEMENTS", 40 * per)
     g = K._tap_plan(shape, 16, 5, 5, 0, 0)[1]
     assert g == 16 and 40 * 16 * 8 * 12 * g <= K.SMALL_GEMM_MACS < 40 * 16 * 8 * 12 * 17
     assert K._tap_plan((10,) + shape[1:], 16, 5, 5, 0, 0)[1] == 10      # the whole batch
-    # wide kernel rows are not capped (not measured there)
+    # wide kernel rows are not capped (not measured there): 14 by the budget, 5 groups,
+    # made 6 groups of at most 11
     wide = (64, 32, 12, 12)
-    assert K._tap_plan(wide, 80, 3, 3, 0, 0)[1] == 40 * per // ((6 * 32 + 80) * 144)
+    assert 40 * per // ((6 * 32 + 80) * 144) == 14
+    assert K._tap_plan(wide, 80, 3, 3, 0, 0)[1] == 11
+
+
+@pytest.mark.parametrize("N,g,want", [(64, 9, 8), (64, 8, 8), (64, 10, 8), (64, 64, 64),
+                                      (64, 100, 64), (10, 9, 5), (11, 3, 3), (5, 2, 2),
+                                      (9, 2, 2), (1, 1, 1), (3, 1, 1), (7, 6, 4)])
+def test_balanced_group_sizes(N, g, want):
+    """Groups of at most g samples, an even number of them when there are several, sizes
+    as equal as one size allows (no group of 1 left behind 7 groups of 9)."""
+    got = K._balanced(N, g)
+    assert got == want
+    G = -(-N // got)
+    assert 1 <= got <= g and G <= -(-N // g) + 1
+    if G > 1 and N % 2 == 0 and N // 2 >= -(-N // g):
+        assert G % 2 == 0
 
 
 @pytest.mark.parametrize("T,itemsize,pitch", [(128, 4, 144), (129, 4, 129), (1152, 4, 1168),

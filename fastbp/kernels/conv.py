@@ -1278,16 +1278,35 @@ def _tap_backward(x, W, dy, y, ph, pw, input_grad, dW, db, dx, pidx=None):
         return (x, Wk, dy, yy, relu, ph, pw, g, input_grad, xbuf, zbuf, dbuf, dWt, dbg, dxo,
                 _blas.mkl_one_thread_count(), pidx, counter)
     _pool.run_split(prepare, _tap_backward_claimed, threads)    # as in _tap_forward
-    dW[...] = _sum_groups(dWt).transpose(3, 2, 0, 1)
-    db[...] = _sum_groups(dbg)
+    _tap_reduce(dWt, dbg, dW, db)
 
 
-def _sum_groups(a):
-    """Σ over the first axis in index order (a fixed order: deterministic)."""
-    out = a[0].copy()
-    for i in range(1, a.shape[0]):
-        out += a[i]
-    return out
+@jit
+def _tap_reduce(dWt, dbg, dW, db):
+    """dW[f, c, p, q] = Σ_gi dWt[gi, p, q, c, f] and db[f] = Σ_gi dbg[gi, f], summed in
+    group order, so the same bits whichever thread ran a group, on any thread count
+    (compiled: 3.7 µs where NumPy's ``out += dWt[gi]`` over lenet conv2's 8 groups, then
+    the transposed copy, took 12)."""
+    G, KH, KW, C, F = dWt.shape
+    n = KH * KW * C * F
+    flat = dWt.reshape(G, n)
+    acc = flat[0].copy()
+    for gi in range(1, G):
+        row = flat[gi]
+        for i in range(n):
+            acc[i] += row[i]
+    i = 0
+    for p in range(KH):
+        for q in range(KW):
+            for c in range(C):
+                for f in range(F):
+                    dW[f, c, p, q] = acc[i]
+                    i += 1
+    for f in range(db.shape[0]):
+        s = dbg[0, f]
+        for gi in range(1, G):
+            s += dbg[gi, f]
+        db[f] = s
 
 
 def conv2d_forward(x, W, b, stride=1, padding=0, relu=False, method="auto"):

@@ -1524,10 +1524,20 @@ def conv2d_backward(x, W, dy, stride=1, padding=0, has_bias=True, input_grad=Tru
 
 
 # ---------------------------------------------------------------------------- fused pooling
+_WINDOWS: dict = {}
+
+
 def _pool_windows(size, stride):
+    """``(KH, KW, sh, sw)`` as Python ints and as the int64 array the kernels take (one
+    array per distinct window, made once and never written: a call builds no array;
+    not flagged read-only, which Numba would compile as another type)."""
     KH, KW = _pair(size)
     sh, sw = _pair(size if stride is None else stride)
-    return np.array([KH, KW, sh, sw], np.int64)
+    key = (KH, KW, sh, sw)
+    arr = _WINDOWS.get(key)
+    if arr is None:
+        arr = _WINDOWS.setdefault(key, np.array(key, np.int64))
+    return key, arr
 
 
 def conv2d_maxpool_forward(x, W, b, stride=1, padding=0, relu=False, pool_size=2,
@@ -1548,8 +1558,8 @@ def conv2d_maxpool_forward(x, W, b, stride=1, padding=0, relu=False, pool_size=2
     N, C, H, Wd = x.shape
     F, _, KH, KW = W.shape
     OH, OW = out_size(H, Wd, KH, KW, sh, sw, ph, pw)
-    windows = _pool_windows(pool_size, pool_stride)
-    POH, POW = _pk.out_size(OH, OW, *windows)
+    wins, windows = _pool_windows(pool_size, pool_stride)
+    POH, POW = _pk.out_size(OH, OW, *wins)
     if method == "auto":
         method = choose_method(C, (sh, sw), 2 * N * F * OH * OW * C * KH * KW)
         if method == "tap" and wino_chosen(C, F, KH, KW, (sh, sw), (ph, pw), OH, OW):

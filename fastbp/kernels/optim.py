@@ -12,6 +12,7 @@ Symbols: ``p`` parameter, ``g`` gradient, ``n = p.size``; every array below is `
 import numpy as np
 from numba import prange
 
+from .. import config
 from .._jit import dual, jit
 
 
@@ -238,7 +239,6 @@ def run(step_kernel, multi_kernel, work, *args):
     A parallel region per small array (a bias) cost more than its update: mlp_mnist's six
     arrays took 0.17 ms as six parallel calls. But once one region has woken the workers,
     the next costs 2-3 µs, less than the serial time saved on ~10k elements or more."""
-    from .. import config
     if len(args[0]) == 1:       # one array each (a pack's buffer): the single-array build
         return step_kernel(*[a[0] if isinstance(a, tuple) else a for a in args], work=work)
     if not config.use_parallel("optim", work):

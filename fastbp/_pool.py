@@ -284,7 +284,8 @@ def run_split(prepare, kernel, n_threads):
     later (START_SPINS), finds it free instead of sleeping on it. With the caller's
     Python after the hand-off (``run_items``), the pool thread of a cnn_lenet conv call
     entered its kernel 28-34 µs after the caller (median), most of it a sleep on the GIL;
-    the cnn_lenet step ran 0.945 (0.79-0.95) of that in alternating blocks. Re-raises the first error once every thread is done."""
+    the cnn_lenet step ran 0.945 (0.79-0.95) of that in alternating blocks. Re-raises
+    the first error once every thread is done."""
     if n_threads <= 1 or _on_pool_thread():
         kernel(*prepare())
         return

@@ -471,6 +471,30 @@ def test_concurrent_threads_same_results(rng):
                 np.testing.assert_array_equal(a, r)
 
 
+@pytest.mark.skipif(not K._cblas.available, reason="SciPy's BLAS has no scipy_cblas_*gemm")
+@pytest.mark.timeout(300)
+def test_concurrent_threads_share_the_split_tap_path(rng, monkeypatch):
+    """Several Python threads running split tap calls at once (every call split over the
+    shared pool: SPLIT_MACS 0), with fused pooling, forward and backward, all get the
+    single-caller results bit for bit (run_split: each caller's scratch is its own)."""
+    monkeypatch.setattr(K, "SPLIT_MACS", 0)
+    from concurrent.futures import ThreadPoolExecutor
+    x = rng.standard_normal((33, 3, 20, 20)).astype(np.float32)
+    Wt = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+
+    def run(_):
+        yp, idx = K.conv2d_maxpool_forward(x, Wt, b, 1, 1, True, 2, None, "tap")
+        dyp = np.linspace(-1, 1, yp.size, dtype=np.float32).reshape(yp.shape)
+        return (yp, idx) + K.conv2d_maxpool_backward(x, Wt, dyp, idx, yp, 1, 1, 2, None,
+                                                     True, True, True, "tap")
+    ref = run(0)
+    with ThreadPoolExecutor(4) as ex:
+        for got in ex.map(run, range(40)):
+            for a, r in zip(got, ref):
+                np.testing.assert_array_equal(a, r)
+
+
 # ---------------------------------------------------------------- validation
 def test_output_shape_and_repr():
     layer = Conv2D(3, 8, (5, 3), stride=(2, 1), padding=1)

@@ -274,6 +274,23 @@ def _on_pool_thread():
     return threading.current_thread() in _worker_threads
 
 
+def _hand_out(fns):
+    """Queue ``fns[k]`` on pool thread k (round robin over the pool) and return the
+    ``_Done`` the caller waits on: each job ``add()``s once its fn has returned or raised
+    (the fns record their own errors)."""
+    workers = _pool(len(fns))
+    done = _Done(len(fns))
+    for k, fn in enumerate(fns):
+        def job(fn=fn):
+            try:
+                fn()
+            finally:
+                done.add()
+        w = workers[k % len(workers)]
+        done.expect(w, w.submit(job))
+    return done
+
+
 def run_split(prepare, kernel, n_threads):
     """``kernel(*prepare())`` once on each of ``n_threads`` threads (the calling one and
     pool threads). ``prepare`` runs on the thread that will use its result (per-thread
@@ -290,8 +307,6 @@ def run_split(prepare, kernel, n_threads):
         kernel(*prepare())
         return
     mine = prepare()
-    workers = _pool(n_threads - 1)
-    done = _Done(len(workers))
     failed = []
 
     def pooled():
@@ -299,10 +314,7 @@ def run_split(prepare, kernel, n_threads):
             kernel(*prepare())
         except BaseException as e:
             failed.append(e)
-        finally:
-            done.add()
-    for w in workers:
-        done.expect(w, w.submit(pooled))
+    done = _hand_out([pooled] * len(_pool(n_threads - 1)))
     try:
         kernel(*mine)
     finally:
@@ -332,15 +344,7 @@ def run(fn, chunks):
         except BaseException as e:  # the others still run: they write the same outputs
             errs[k] = e
     if len(chunks) > 1 and not _on_pool_thread():
-        workers = _pool(len(chunks) - 1)
-        done = _Done(len(chunks) - 1)
-
-        def pooled(k):
-            job(k)
-            done.add()
-        for k in range(1, len(chunks)):
-            w = workers[(k - 1) % len(workers)]
-            done.expect(w, w.submit(lambda k=k: pooled(k)))
+        done = _hand_out([lambda k=k: job(k) for k in range(1, len(chunks))])
         job(0)
         done.wait()
     else:
@@ -376,16 +380,7 @@ def run_items(fn, n_items, n_threads):
             except BaseException as e:
                 failed.append(e)
                 return
-    workers = _pool(min(n_threads, n_items) - 1)
-    done = _Done(len(workers))
-
-    def pooled():
-        try:
-            worker()
-        finally:
-            done.add()
-    for w in workers:
-        done.expect(w, w.submit(pooled))
+    done = _hand_out([worker] * len(_pool(min(n_threads, n_items) - 1)))
     worker()
     done.wait()
     if failed:

@@ -70,6 +70,14 @@ threshold = 1 << 21
 _state = threading.local()
 
 
+def _address(lib, symbol):
+    """The address of ``symbol`` in ``lib``, or None when it does not export it."""
+    try:
+        return ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
 class Lib:
     """One bundled OpenBLAS: its path, CBLAS gemm addresses and thread controls."""
 
@@ -80,6 +88,9 @@ class Lib:
         self._lib = lib
         self.sgemm = ctypes.cast(getattr(lib, f"scipy_cblas_sgemm{suffix}"), ctypes.c_void_p).value
         self.dgemm = ctypes.cast(getattr(lib, f"scipy_cblas_dgemm{suffix}"), ctypes.c_void_p).value
+        # OpenBLAS's transposing copies (``fastbp._cblas.transpose``), where exported
+        self.somatcopy = _address(lib, f"scipy_cblas_somatcopy{suffix}")
+        self.domatcopy = _address(lib, f"scipy_cblas_domatcopy{suffix}")
         self.set_local = lib.openblas_set_num_threads_local
         self.set_local.argtypes, self.set_local.restype = [ctypes.c_int], ctypes.c_int
         getter = getattr(lib, f"scipy_openblas_get_num_threads{suffix}")

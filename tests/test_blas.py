@@ -120,6 +120,40 @@ def test_dot_empty_and_strided(rng):
     np.testing.assert_allclose(out, a[:, ::2] @ b, rtol=1e-12)
 
 
+@jit
+def _transpose_window(rows, cols, a, ia, lda, b, ib, ldb):
+    _cblas.transpose(rows, cols, a, ia, lda, b, ib, ldb)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transpose_windows_match_numpy(rng, dtype):
+    """B = Aᵀ on windows (offsets, leading dimensions); nothing outside B's window moves."""
+    a = rng.standard_normal((7, 11)).astype(dtype)
+    a0 = a.copy()
+    b = np.full((9, 8), np.nan, dtype)
+    _transpose_window(5, 7, a.ravel(), 1 * 11 + 2, 11, b.ravel(), 1 * 8 + 2, 8)
+    np.testing.assert_array_equal(b[1:8, 2:7], a[1:6, 2:9].T)
+    b[1:8, 2:7] = 0
+    assert np.isnan(b).sum() == b.size - 35
+    np.testing.assert_array_equal(a, a0)
+    _transpose_window(0, 7, a.ravel(), 0, 11, b.ravel(), 0, 8)     # empty: a no-op
+    _transpose_window(3, 4, a.ravel(), 0, 11, b.ravel(), 0, 8)
+    np.testing.assert_array_equal(b[:4, :3], a[:3, :4].T)
+
+
+def test_transpose_fallback_loop(rng):
+    """The loop bound in place of cblas_?omatcopy when a library lacks it."""
+    import ctypes
+    from numba import cfunc, types
+    fn = cfunc(_cblas._tsig(types.float64, types.int64))(_cblas._t_fallback)
+    a = rng.standard_normal((4, 6))
+    b = np.full((5, 4), np.nan)
+    ptr = ctypes.POINTER(ctypes.c_double)
+    fn.ctypes(101, 112, 3, 5, 2.0, a.ctypes.data_as(ptr), 6, b.ctypes.data_as(ptr), 4)
+    np.testing.assert_array_equal(b[:, :3], 2.0 * a[:3, :5].T)
+    assert np.isnan(b[:, 3]).all()
+
+
 def test_dot_shape_mismatch_raises():
     with pytest.raises(ValueError, match="incompatible shapes"):
         _dot_c(np.ones((2, 3)), np.ones((4, 5)), np.ones((2, 5)))

@@ -141,6 +141,22 @@ def test_transpose_windows_match_numpy(rng, dtype):
     np.testing.assert_array_equal(b[:4, :3], a[:3, :4].T)
 
 
+@jit
+def _transposed(a):
+    return _cblas.transposed(a)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transposed_copy(rng, dtype):
+    """A new C-contiguous aᵀ: by omatcopy for C-contiguous a, by NumPy's copy otherwise."""
+    a = rng.standard_normal((5, 9)).astype(dtype)
+    for src in (a, a[:, ::2], np.asfortranarray(a)):
+        got = _transposed(src)
+        assert got.dtype == dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, src.T)
+    assert _transposed(a).base is not a                  # a copy, not a view
+
+
 def test_transpose_fallback_loop(rng):
     """The loop bound in place of cblas_?omatcopy when a library lacks it."""
     import ctypes

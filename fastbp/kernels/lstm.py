@@ -32,11 +32,11 @@ import numpy as np
 from numba import prange
 
 from .. import _blas, _pool
-from .._cblas import matmul
+from .._cblas import matmul, transposed
 from .._jit import dual, jit
 from ._math import _wide, fsigmoid, ftanh
 from .rnn import (_add_into, _c, _chunk_weight_grads, _col_blocks, _col_sum, _matmul_into, _proj,
-                  _sum_chunks, _use_blas, _weight_grads)
+                  _sum_chunks, _transposed, _use_blas, _weight_grads)
 
 
 # --- the fused element-wise parts, one row (one batch element) at a time ------------------
@@ -179,7 +179,7 @@ def _lstm_backward(x, h0, c0, gates, cs, hs, Wx, Wh, dhs, dhT, dcT, input_grad):
     T, N, D = x.shape
     H = h0.shape[1]
     G = 4 * H
-    WhT = np.ascontiguousarray(Wh.T)
+    WhT = transposed(Wh)
     WhTb = _col_blocks(WhT, N)
     tmp = np.empty((WhTb.shape[0], N, WhTb.shape[2]), dtype=x.dtype)
     dz = np.empty((T, N, G), dtype=x.dtype)
@@ -303,7 +303,7 @@ def lstm_backward(x, h0, c0, gates, cs, hs, Wx, Wh, dhs, dhT, dcT, input_grad=Tr
     if chunks is None:
         with _use_blas(T, N, D, H, 4 * H):
             return _lstm_backward(*args, bool(input_grad), work=_work(N, H))
-    WhT = np.ascontiguousarray(Wh.T)
+    WhT = _transposed(Wh)
     dh0 = np.empty((N, H), dtype=x.dtype)
     dc0 = np.empty((N, H), dtype=x.dtype)
     dx = np.empty((T, N, D) if input_grad else (0, 0, 0), dtype=x.dtype)

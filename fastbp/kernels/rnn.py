@@ -29,7 +29,7 @@ import numpy as np
 from numba import prange
 
 from .. import _blas, _pool
-from .._cblas import dot, matmul
+from .._cblas import dot, matmul, transposed
 from .._jit import dual, jit
 from ._math import _wide, ftanh
 
@@ -231,7 +231,7 @@ def _rnn_forward(x, h0, Wx, Wh, b, relu):
 def _rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, relu, input_grad):
     T, N, D = x.shape
     H = h0.shape[1]
-    WhT = np.ascontiguousarray(Wh.T)
+    WhT = transposed(Wh)
     WhTb = _col_blocks(WhT, N)
     tmp = np.empty((WhTb.shape[0], N, WhTb.shape[2]), dtype=x.dtype)
     da = np.empty((T, N, H), dtype=x.dtype)
@@ -336,6 +336,12 @@ def _rnn_backward_rows(x, h0, hs, Wx, WhT, dhs, dhT, relu, input_grad, dx, dh0, 
     return _chunk_weight_grads(x, h0, hs, da, input_grad, Wx, dx, n0, n1)
 
 
+@jit
+def _transposed(a):
+    """A new C-contiguous aᵀ (``_cblas.transposed``: OpenBLAS's omatcopy), from Python."""
+    return transposed(a)
+
+
 def _c(*arrays):
     return tuple(np.ascontiguousarray(a) for a in arrays)
 
@@ -396,7 +402,7 @@ def rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, relu=False, input_grad=True):
         with _use_blas(T, N, D, H, Wx.shape[1]):
             return _rnn_backward(x, h0, hs, Wx, Wh, dhs, dhT, bool(relu), bool(input_grad),
                                  work=_work(N, H))
-    WhT = np.ascontiguousarray(Wh.T)
+    WhT = _transposed(Wh)
     dh0 = np.empty((N, H), dtype=x.dtype)
     dx = np.empty((T, N, D) if input_grad else (0, 0, 0), dtype=x.dtype)
 
